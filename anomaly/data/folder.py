@@ -1,0 +1,74 @@
+"""The user's own images: a folder of good parts, optionally defective parts and their masks.
+
+``<root>/<normal_dir>``: good images (training, and a held-out share for testing unless
+``normal_test_dir`` is given); ``<root>/<abnormal_dir>``: defective images (test only);
+``<root>/<mask_dir>``: masks matched to defective images by file stem (``<stem>.png`` or
+``<stem>_mask.png``). Without defective images there is no image AUROC; without masks there
+are no pixel metrics — both are skipped with a note, never faked.
+"""
+
+from pathlib import Path
+
+import torch
+
+from anomaly.data.datamodule import AnomalyDataModule
+from anomaly.data.samples import DataError, Sample, list_images, require_dir
+
+LAYOUT_HINT = "Expected <root>/good with normal images (see README, 'Your own images')."
+
+
+class Folder(AnomalyDataModule):
+    def __init__(
+        self,
+        root: str,
+        normal_dir: str = "good",
+        abnormal_dir: str | None = "defect",
+        mask_dir: str | None = "mask",
+        normal_test_dir: str | None = None,
+        normal_test_fraction: float = 0.2,
+        **loader_options,
+    ) -> None:
+        super().__init__(**loader_options)
+        self.root = Path(root).expanduser()
+        self.normal_dir = normal_dir
+        self.abnormal_dir = abnormal_dir
+        self.mask_dir = mask_dir
+        self.normal_test_dir = normal_test_dir
+        self.normal_test_fraction = normal_test_fraction
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def load_samples(self) -> tuple[list[Sample], list[Sample]]:
+        normal = list_images(require_dir(self.root / self.normal_dir, "Folder of normal images", LAYOUT_HINT))
+        if self.normal_test_dir is None:
+            train_paths, test_good = self._hold_out(normal)
+        else:
+            train_paths = normal
+            test_good = list_images(require_dir(self.root / self.normal_test_dir, "Normal test folder", ""))
+        if not train_paths:
+            raise DataError(f"No training images in {self.root / self.normal_dir}. {LAYOUT_HINT}")
+        train = [Sample(p, 0, None, "good") for p in train_paths]
+        test = [Sample(p, 0, None, "good") for p in test_good] + self._defective()
+        return train, test
+
+    def _hold_out(self, normal: list[Path]) -> tuple[list[Path], list[Path]]:
+        """Seeded split of the normal images into training and test."""
+        count = round(len(normal) * self.normal_test_fraction)
+        order = torch.randperm(len(normal), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        test_ids = set(order[:count])
+        return (
+            [p for i, p in enumerate(normal) if i not in test_ids],
+            [p for i, p in enumerate(normal) if i in test_ids],
+        )
+
+    def _defective(self) -> list[Sample]:
+        if self.abnormal_dir is None or not (self.root / self.abnormal_dir).is_dir():
+            return []
+        mask_dir = self.root / self.mask_dir if self.mask_dir else None
+        masks: dict[str, Path] = {}
+        if mask_dir is not None and mask_dir.is_dir():
+            for path in list_images(mask_dir):
+                masks[path.stem.removesuffix("_mask")] = path
+        return [Sample(p, 1, masks.get(p.stem), "defect") for p in list_images(self.root / self.abnormal_dir)]

@@ -1,0 +1,1 @@
+"""PaDiM (Defard et al., ICPR 2020)."""

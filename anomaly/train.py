@@ -1,0 +1,93 @@
+"""``anomaly-train``: fit a method on normal images, score the test set, write everything to the run dir.
+
+Builds data, backbone, model, Lightning module, loggers and trainer from the Hydra config; fits;
+saves the model; tests; writes ``metrics.json``, ``config.yaml``, ``model.safetensors`` and heatmaps.
+Returns the metric named by ``optimized_metric`` so that Hydra sweepers can optimise it.
+"""
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger, WandbLogger
+
+from anomaly.model_io import save_model
+from anomaly.visualization import save_heatmaps
+
+log = logging.getLogger(__name__)
+
+
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    return [instantiate(node) for node in (cfg.get("logger") or {}).values()]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Runs one experiment; returns its metrics (also written to ``<output_dir>/metrics.json``)."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.dataset)
+    backbone = instantiate(cfg.backbone)
+    model = instantiate(cfg.method.model, backbone=backbone)
+    module = instantiate(cfg.method.module, model=model)
+    loggers = build_loggers(cfg)
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - start
+    save_model(model, cfg, output_dir / "model.safetensors")
+
+    start = time.perf_counter()
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    test_seconds = time.perf_counter() - start
+
+    metrics = {
+        **module.test_metrics,
+        "fit_seconds": round(fit_seconds, 2),
+        "test_seconds": round(test_seconds, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    heatmaps = save_heatmaps(module.examples, output_dir / "heatmaps")
+    for logger in loggers:
+        logger.log_metrics({k: v for k, v in metrics.items() if k not in module.test_metrics})
+        if isinstance(logger, WandbLogger) and heatmaps:
+            logger.log_image("heatmaps", [str(p) for p in heatmaps], caption=[p.stem for p in heatmaps])
+    print_summary(cfg, metrics, output_dir)
+    return metrics
+
+
+def print_summary(cfg: DictConfig, metrics: dict[str, float], output_dir: Path) -> None:
+    title = f"{cfg.method.name} | {cfg.backbone.name} | {datamodule_name(cfg)}"
+    rows = "\n".join(f"  {key:<20} {value:>10.4f}" for key, value in metrics.items())
+    print(f"\n{title}\n{rows}\n  outputs: {output_dir}\n", flush=True)
+
+
+def datamodule_name(cfg: DictConfig) -> str:
+    return str(cfg.dataset.get("category") or Path(cfg.dataset.root).name)
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

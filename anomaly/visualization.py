@@ -1,0 +1,50 @@
+"""Heatmap figures: image | ground truth | anomaly map over the image."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+def save_heatmap(example: dict, path: Path, vmin: float, vmax: float) -> Path:
+    """Saves one example (as kept by the Lightning module) as a three-panel PNG.
+
+    ``vmin``/``vmax`` fix the colour scale across all figures of a run, so that a normal image
+    does not look anomalous just because its own map was stretched to the full range.
+    """
+    image = _hwc(example["image"])
+    figure, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    axes[0].imshow(image)
+    axes[0].set_title("good" if example["label"] == 0 else "defective", fontsize=9)
+    axes[1].imshow(example["mask"][0], cmap="gray", vmin=0, vmax=1)
+    axes[1].set_title("ground truth", fontsize=9)
+    axes[2].imshow(image)
+    axes[2].imshow(example["anomaly_map"][0], cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
+    axes[2].set_title(f"score {example['score']:.3g}", fontsize=9)
+    for axis in axes:
+        axis.axis("off")
+    figure.suptitle(Path(example["path"]).name, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
+
+
+def save_heatmaps(examples: list[dict], folder: Path) -> list[Path]:
+    """Writes every example to ``folder``; the colour scale spans the maps shown."""
+    if not examples:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    vmin = min(float(e["anomaly_map"].min()) for e in examples)
+    vmax = max(float(e["anomaly_map"].max()) for e in examples)
+    return [
+        save_heatmap(e, folder / f"{i:02d}_{e['label']}_{Path(e['path']).parent.name}_{Path(e['path']).stem}.png", vmin, vmax)
+        for i, e in enumerate(examples)
+    ]
+
+
+def _hwc(image: Tensor):
+    return image.permute(1, 2, 0).clamp(0, 1).numpy()

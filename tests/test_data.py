@@ -1,0 +1,122 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomaly.data.datamodule import SampleDataset, build_transform, split_validation
+from anomaly.data.folder import Folder
+from anomaly.data.mvtec import MVTecAD
+from anomaly.data.samples import DataError, Sample
+
+
+def write_image(path: Path, size=(40, 30), value=128, mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value if mode == "L" else (value, value, value)).save(path)
+    return path
+
+
+def write_mask(path: Path, size=(40, 30), box=(10, 5, 20, 15)) -> Path:
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    mask[box[1] : box[3], box[0] : box[2]] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask).save(path)
+    return path
+
+
+@pytest.fixture
+def mvtec_root(tmp_path: Path) -> Path:
+    category = tmp_path / "widget"
+    for i in range(4):
+        write_image(category / "train" / "good" / f"{i:03d}.png")
+    write_image(category / "test" / "good" / "000.png")
+    write_image(category / "test" / "crack" / "000.png", mode="L")  # grayscale, like grid/screw/zipper
+    write_mask(category / "ground_truth" / "crack" / "000_mask.png")
+    return tmp_path
+
+
+def test_mvtec_layout_is_parsed(mvtec_root):
+    data = MVTecAD(str(mvtec_root), "widget", image_size=32, crop_size=None, num_workers=0)
+    data.setup()
+    assert len(data.train_samples) == 4 and all(s.label == 0 for s in data.train_samples)
+    assert [(s.label, s.defect_type) for s in data.test_samples] == [(1, "crack"), (0, "good")]
+    assert data.test_samples[0].mask_path.name == "000_mask.png"
+    assert data.has_pixel_ground_truth()
+    batch = next(iter(data.test_dataloader()))
+    assert batch["image"].shape == (2, 3, 32, 42) and batch["image"].dtype == torch.float32
+    assert batch["mask"].shape == (2, 1, 32, 42) and set(batch["mask"].unique().tolist()) == {0, 1}
+    assert batch["mask"][1].sum() == 0
+
+
+def test_missing_category_error_names_path_and_fix(tmp_path):
+    data = MVTecAD(str(tmp_path), "carpet")
+    with pytest.raises(DataError, match=r"carpet.*train/good.*dataset.root"):
+        data.setup()
+
+
+def test_missing_mask_is_an_error_naming_the_expected_file(mvtec_root):
+    (mvtec_root / "widget" / "ground_truth" / "crack" / "000_mask.png").unlink()
+    with pytest.raises(DataError, match=r"000_mask.png"):
+        MVTecAD(str(mvtec_root), "widget").setup()
+
+
+def test_corrupt_image_is_reported_by_file(mvtec_root):
+    bad = mvtec_root / "widget" / "train" / "good" / "002.png"
+    bad.write_bytes(b"not a png")
+    data = MVTecAD(str(mvtec_root), "widget", image_size=32, crop_size=None, num_workers=0)
+    data.setup()
+    with pytest.raises(DataError, match=r"002.png"):
+        list(data.train_dataloader())
+
+
+def test_mask_of_other_size_is_an_error_naming_both_files(mvtec_root):
+    write_mask(mvtec_root / "widget" / "ground_truth" / "crack" / "000_mask.png", size=(41, 30))
+    data = MVTecAD(str(mvtec_root), "widget", image_size=32, crop_size=None, num_workers=0)
+    data.setup()
+    with pytest.raises(DataError, match=r"000_mask.png.*crack/000.png"):
+        list(data.test_dataloader())
+
+
+def test_image_and_mask_transforms_stay_aligned(tmp_path):
+    """A bright square in the image must land exactly where the mask says after resize + crop."""
+    image = np.zeros((100, 80, 3), np.uint8)
+    image[40:60, 30:50] = 255
+    mask = np.zeros((100, 80), np.uint8)
+    mask[40:60, 30:50] = 255
+    Image.fromarray(image).save(tmp_path / "a.png")
+    Image.fromarray(mask).save(tmp_path / "a_mask.png")
+    dataset = SampleDataset(
+        [Sample(tmp_path / "a.png", 1, tmp_path / "a_mask.png", "square")], build_transform(64, 48)
+    )
+    item = dataset[0]
+    assert item["image"].shape == (3, 48, 48) and item["mask"].shape == (1, 48, 48)
+    bright = item["image"][0] > 0.5
+    assert (bright == item["mask"][0].bool()).float().mean() > 0.98
+    assert item["mask"].sum() > 0
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    samples = [Sample(Path(f"{i}.png"), 0, None, "good") for i in range(20)]
+    train, val = split_validation(samples, 0.25, seed=0)
+    assert len(val) == 5 and not set(train) & set(val) and len(train) + len(val) == 20
+    assert split_validation(samples, 0.25, seed=0) == (train, val)
+    assert split_validation(samples, 0.0, seed=0) == (samples, [])
+
+
+def test_folder_without_masks_has_no_pixel_ground_truth(tmp_path):
+    for i in range(10):
+        write_image(tmp_path / "good" / f"g{i}.png")
+    for i in range(3):
+        write_image(tmp_path / "defect" / f"d{i}.png")
+    write_mask(tmp_path / "mask" / "d0_mask.png")
+    data = Folder(str(tmp_path), normal_test_fraction=0.2, num_workers=0)
+    data.setup()
+    assert len(data.train_samples) == 8
+    assert sorted(s.label for s in data.test_samples) == [0, 0, 1, 1, 1]
+    assert not data.has_pixel_ground_truth()  # only d0 has a mask
+
+
+def test_folder_missing_normal_dir_names_it(tmp_path):
+    with pytest.raises(DataError, match=r"good"):
+        Folder(str(tmp_path)).setup()

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from anomaly.methods.padim.model import Padim
+
+
+def smooth_images(count: int, seed: int, size: int = 32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.rand(count, 3, size // 8, size // 8, generator=generator)
+    return torch.nn.functional.interpolate(base, size=size, mode="bilinear") * 0.5 + 0.25
+
+
+def test_statistics_equal_direct_numpy_computation(tiny_backbone):
+    model = Padim(tiny_backbone, n_features=10, seed=3)
+    images = smooth_images(7, seed=0)
+    for batch in images.split(3):  # streaming over uneven batches
+        model.collect(batch)
+    model.fit()
+
+    embedding = model.embed(images).flatten(2).permute(2, 0, 1).double().numpy()  # [P, N, D]
+    for position in (0, 5, embedding.shape[0] - 1):
+        x = embedding[position]
+        expected_mean = x.mean(axis=0)
+        expected_cov = np.cov(x, rowvar=False) + 0.01 * np.eye(10)
+        np.testing.assert_allclose(model.mean[position].numpy(), expected_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            model.inv_covariance[position].double().numpy(), np.linalg.inv(expected_cov), rtol=1e-3, atol=1e-3
+        )
+
+
+def test_channel_selection_is_seeded_and_mahalanobis_matches_definition(tiny_backbone):
+    a, b = Padim(tiny_backbone, n_features=10, seed=1), Padim(tiny_backbone, n_features=10, seed=1)
+    assert torch.equal(a.channel_index, b.channel_index)
+    assert not torch.equal(a.channel_index, Padim(tiny_backbone, n_features=10, seed=2).channel_index)
+
+    a.collect(smooth_images(6, seed=0))
+    a.fit()
+    x = a.embed(smooth_images(2, seed=9)).flatten(2).permute(2, 0, 1)  # [P, B, D]
+    delta = (x[4, 1] - a.mean[4]).double()
+    expected = torch.sqrt(delta @ a.inv_covariance[4].double() @ delta)
+    assert a.mahalanobis(x)[4, 1].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_anomalous_image_scores_higher_and_state_round_trips(tiny_backbone, tmp_path):
+    model = Padim(tiny_backbone, n_features=20, seed=0)
+    model.collect(smooth_images(16, seed=0))
+    model.fit()
+    normal = smooth_images(4, seed=100)
+    defective = normal.clone()
+    defective[:, 0, 8:16, 8:16], defective[:, 1, 8:16, 8:16] = 1.0, 0.0  # a magenta square
+    normal_out, defect_out = model(normal), model(defective)
+    assert normal_out.anomaly_map.shape == (4, 1, 32, 32)
+    assert (defect_out.image_score > 1.5 * normal_out.image_score).all()
+    peak = defect_out.anomaly_map[0, 0].argmax()
+    assert 4 <= peak // 32 < 20 and 4 <= peak % 32 < 20
+
+    path = tmp_path / "padim.safetensors"
+    save_file({k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}, str(path))
+    reloaded = Padim(tiny_backbone, n_features=20, seed=0)
+    reloaded.load_state_dict(load_file(str(path)), strict=False)
+    assert torch.equal(reloaded(defective).image_score, defect_out.image_score)
+
+
+def test_unfitted_model_refuses_to_score(tiny_backbone):
+    with pytest.raises(RuntimeError, match="not fitted"):
+        Padim(tiny_backbone, n_features=10)(smooth_images(1, seed=0))
