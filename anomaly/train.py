@@ -21,6 +21,7 @@ from anomaly.model_io import save_model
 from anomaly.visualization import save_heatmaps
 
 log = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the repo's configs/ (editable install)
 
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:
@@ -83,7 +84,7 @@ def datamodule_name(cfg: DictConfig) -> str:
     return str(cfg.dataset.get("category") or Path(cfg.dataset.root).name)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))

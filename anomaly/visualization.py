@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -34,14 +35,21 @@ def save_heatmap(example: dict, path: Path, vmin: float, vmax: float) -> Path:
 
 
 def save_heatmaps(examples: list[dict], folder: Path) -> list[Path]:
-    """Writes every example to ``folder``; the colour scale spans the maps shown."""
+    """Writes every example to ``folder`` with one colour scale: from the lowest map value to the
+    median image score of the examples, so that strong defects saturate rather than washing out
+    the weaker ones. (Visual only; no score is changed.)"""
     if not examples:
         return []
     folder.mkdir(parents=True, exist_ok=True)
     vmin = min(float(e["anomaly_map"].min()) for e in examples)
-    vmax = max(float(e["anomaly_map"].max()) for e in examples)
+    vmax = float(np.median([e["score"] for e in examples]))
     return [
-        save_heatmap(e, folder / f"{i:02d}_{e['label']}_{Path(e['path']).parent.name}_{Path(e['path']).stem}.png", vmin, vmax)
+        save_heatmap(
+            e,
+            folder / f"{i:02d}_{e['label']}_{Path(e['path']).parent.name}_{Path(e['path']).stem}.png",
+            vmin,
+            vmax,
+        )
         for i, e in enumerate(examples)
     ]
 

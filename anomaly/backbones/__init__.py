@@ -1,0 +1,15 @@
+"""Frozen pretrained backbones that turn images into multi-layer feature maps."""
+
+from anomaly.backbones.efficientnet_lite import LITE_VARIANTS, PACKAGED_WEIGHTS, map_lite_keys
+from anomaly.backbones.feature_extractor import BACKBONES, BackboneSpec, FeatureExtractor
+from anomaly.backbones.weights import BackboneWeightsError
+
+__all__ = [
+    "BACKBONES",
+    "LITE_VARIANTS",
+    "PACKAGED_WEIGHTS",
+    "BackboneSpec",
+    "BackboneWeightsError",
+    "FeatureExtractor",
+    "map_lite_keys",
+]

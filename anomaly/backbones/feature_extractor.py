@@ -1,0 +1,128 @@
+"""Frozen multi-layer feature extractor over the pretrained backbones that the methods use.
+
+Features come from torch.fx feature extraction (torchvision's for ResNets, timm's for EfficientNet-Lite,
+which knows timm's "SAME"-padding modules), so the extracted graph stops at the deepest requested layer.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import timm.models
+import torch
+from torch import Tensor, fx, nn
+from torchvision.models import feature_extraction
+
+from anomaly.backbones.efficientnet_lite import LITE_VARIANTS, build_efficientnet_lite
+from anomaly.backbones.weights import build_torchvision_model
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LITE_MEAN = LITE_STD = (0.5, 0.5, 0.5)  # TF Lite preprocessing (x - 127) / 128: inputs in [-1, 1]
+_PROBE_SIZE = 64  # side of the dummy image that discovers channels and strides
+
+
+@dataclass(frozen=True)
+class FxApi:
+    """The torch.fx feature-extraction pair that can trace a model family."""
+
+    create: Callable[[nn.Module, list[str]], fx.GraphModule]
+    node_names: Callable[[nn.Module], tuple[list[str], list[str]]]  # (train, eval) node names
+
+
+TORCHVISION_FX = FxApi(feature_extraction.create_feature_extractor, feature_extraction.get_graph_node_names)
+TIMM_FX = FxApi(timm.models.create_feature_extractor, timm.models.get_graph_node_names)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    build: Callable[[str | None, str | None], nn.Module]  # (weights, weights_path) -> classifier with weights
+    fx: FxApi
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    **{
+        name: BackboneSpec(
+            partial(build_torchvision_model, name), TORCHVISION_FX, IMAGENET_MEAN, IMAGENET_STD
+        )
+        for name in ("resnet18", "resnet50", "wide_resnet50_2")
+    },
+    **{
+        name: BackboneSpec(partial(build_efficientnet_lite, variant), TIMM_FX, LITE_MEAN, LITE_STD)
+        for name, variant in LITE_VARIANTS.items()
+    },
+}
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen, eval-mode, multi-layer feature extractor that carries its own input normalisation.
+
+    ``weights`` names the pretrained weights (torchvision enum member, e.g. ``"IMAGENET1K_V1"``; for
+    EfficientNet-Lite ``"IMAGENET1K_V1"`` is the packaged file); ``weights_path`` (a local state dict)
+    overrides it; ``weights=None`` without a path gives random init and a warning.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        layers: Sequence[str],
+        weights: str | None = "IMAGENET1K_V1",
+        weights_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        spec = backbone_spec(name)
+        self.layers = list(layers)
+        model = spec.build(weights, weights_path).eval()
+        check_layers(name, self.layers, spec.fx.node_names(model)[1])
+        self.body = spec.fx.create(model, self.layers)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+        self.channels, self.strides = self._probe()
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        """Stays in eval: BatchNorm statistics belong to the pretrained weights; Lightning calls train()."""
+        return super().train(False)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """``images`` [B, 3, H, W] in [0, 1], not normalised → ``{layer: [B, C, H/stride, W/stride]}``."""
+        features = self.body((images - self.mean) / self.std)
+        return {layer: features[layer] for layer in self.layers}
+
+    def _probe(self) -> tuple[list[int], list[int]]:
+        """Channels and strides per layer, from one dummy forward."""
+        with torch.no_grad():
+            features = self(torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE))
+        for layer, feature in features.items():
+            if feature.dim() != 4:
+                raise ValueError(
+                    f"layer {layer!r} gives shape {list(feature.shape)}, not a [B, C, h, w] feature map"
+                )
+        return (
+            [feature.shape[1] for feature in features.values()],
+            [_PROBE_SIZE // feature.shape[-1] for feature in features.values()],
+        )
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid: {sorted(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def check_layers(name: str, layers: list[str], node_names: list[str]) -> None:
+    """A layer is a graph node name or a prefix of some (``blocks.1`` = the last node inside ``blocks.1``)."""
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be distinct and non-empty, got {layers}")
+    node_parts = [node.split(".") for node in node_names]
+    prefixes = [".".join(parts[:depth]) for parts in node_parts for depth in range(1, len(parts) + 1)]
+    unknown = [layer for layer in layers if layer not in set(prefixes)]
+    if unknown:
+        stages = list(dict.fromkeys(prefix for prefix in prefixes if prefix.count(".") <= 1))
+        raise ValueError(
+            f"unknown layer(s) {unknown} for backbone {name}; valid stage names: {stages} "
+            "(any deeper node from get_graph_node_names works too)"
+        )

@@ -1,0 +1,96 @@
+"""Area under the per-region-overlap curve (AUPRO), as the official MVTec AD evaluation defines it.
+
+Bergmann et al., "The MVTec Anomaly Detection Dataset" (IJCV 2021); official code
+``pro_curve_util.compute_pro`` and ``generic_util.trapezoid``.
+"""
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor
+
+# 8-connectivity within each image and none across images: a 3D structure whose only
+# non-zero plane is the middle one labels every [H, W] slice as ndimage.label(mask, np.ones((3, 3))).
+_PER_IMAGE_8_CONNECTIVITY = np.zeros((3, 3, 3), dtype=bool)
+_PER_IMAGE_8_CONNECTIVITY[1] = True
+
+
+def aupro(anomaly_maps: Tensor, masks: Tensor, fpr_limit: float = 0.3) -> float:
+    """Normalised area under the PRO curve up to ``fpr_limit`` (1.0 = perfect).
+
+    Ground-truth regions are the 8-connected components of each image's mask. At a threshold t,
+    a region's overlap is the fraction of its pixels with score >= t; PRO is the mean overlap over
+    all regions of all images, and FPR is the fraction of all defect-free pixels (of good and
+    defective images) with score >= t. PRO is integrated over FPR in ``[0, fpr_limit]`` with the
+    trapezoid rule, interpolating the curve linearly at ``fpr_limit``, and divided by ``fpr_limit``.
+
+    ``anomaly_maps``: float ``[N, H, W]`` or ``[N, 1, H, W]``; ``masks``: same shape, bool or 0/1.
+    """
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    scores, regions, num_regions = _flatten_and_label(anomaly_maps, masks)
+    fpr, pro = _pro_curve(scores, regions, num_regions)
+    return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
+
+
+def _flatten_and_label(anomaly_maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Flat scores ``[N*H*W]`` and region ids ``[N*H*W]`` (int32, 0 = defect-free, 1.. = region)."""
+    if anomaly_maps.shape != masks.shape:
+        raise ValueError(f"anomaly maps {tuple(anomaly_maps.shape)} and masks {tuple(masks.shape)} differ")
+    if anomaly_maps.ndim == 4 and anomaly_maps.shape[1] == 1:
+        anomaly_maps, masks = anomaly_maps[:, 0], masks[:, 0]
+    if anomaly_maps.ndim != 3:
+        raise ValueError(f"expected [N, H, W] or [N, 1, H, W] maps, got {tuple(anomaly_maps.shape)}")
+    scores = anomaly_maps.detach().cpu().reshape(-1)
+    if torch.isnan(scores).any():
+        raise ValueError("anomaly maps contain NaN")
+    regions, num_regions = ndimage.label(masks.detach().cpu().bool().numpy(), _PER_IMAGE_8_CONNECTIVITY)
+    if num_regions == 0:
+        raise ValueError("AUPRO needs at least one defect region, but every mask is empty")
+    return scores, torch.from_numpy(regions).reshape(-1), num_regions
+
+
+def _pro_curve(scores: Tensor, regions: Tensor, num_regions: int) -> tuple[Tensor, Tensor]:
+    """Exact (FPR, PRO) curve, float64 ``[K + 1]`` each, starting at (0, 0), one point per distinct score.
+
+    Lowering the threshold past a pixel adds 1/num_normal to the FPR if the pixel is defect-free,
+    or 1/(region_size * num_regions) to the PRO if it lies in a region; so one descending sort
+    and two cumulative sums give the whole curve.
+    """
+    region_sizes = torch.bincount(regions, minlength=num_regions + 1)
+    num_normal = int(region_sizes[0])
+    if num_normal == 0:
+        raise ValueError(
+            "AUPRO needs defect-free pixels to count false positives, but every pixel is a defect"
+        )
+    pro_step = 1.0 / (region_sizes.double() * num_regions)
+    pro_step[0] = 0.0
+
+    sorted_scores, order = torch.sort(scores, descending=True)
+    # Pixels with equal scores cross the threshold together: keep the last point of each run.
+    last_of_run = torch.ones_like(sorted_scores, dtype=torch.bool)
+    torch.ne(sorted_scores[1:], sorted_scores[:-1], out=last_of_run[:-1])
+    del sorted_scores
+    regions = regions[order]
+    del order
+
+    fpr = (regions == 0).cumsum(0, dtype=torch.float64)[last_of_run] / num_normal
+    pro = pro_step[regions].cumsum_(0)[last_of_run]
+    zero = torch.zeros(1, dtype=torch.float64)
+    return torch.cat([zero, fpr]), torch.cat([zero, pro])
+
+
+def _area_up_to(x: Tensor, y: Tensor, x_max: float) -> float:
+    """Trapezoid area under y(x) on ``[x[0], x_max]`` for non-decreasing ``x`` with ``x[-1] >= x_max``.
+
+    Like the official ``trapezoid(x, y, x_max)``: when ``x_max`` is not a curve point, y is
+    interpolated linearly between its neighbours and the last partial trapezoid is added.
+    """
+    n = int(torch.searchsorted(x, torch.tensor([x_max], dtype=x.dtype), right=True))  # points with x <= x_max
+    area = float(torch.trapezoid(y[:n], x[:n]))
+    x0, y0 = float(x[n - 1]), float(y[n - 1])
+    if x0 < x_max:
+        x1, y1 = float(x[n]), float(y[n])
+        y_max = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
+        area += 0.5 * (y0 + y_max) * (x_max - x0)
+    return area
