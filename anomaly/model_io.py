@@ -36,7 +36,9 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, DictCo
     """Rebuilds the model saved by :func:`save_model`; returns it in eval mode with its config."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Model file {path} does not exist (a run writes <run dir>/model.safetensors).")
+        raise FileNotFoundError(
+            f"Model file {path} does not exist (a run writes <run dir>/model.safetensors)."
+        )
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     version = int(metadata.get("format_version", -1))
@@ -52,5 +54,7 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, DictCo
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(BACKBONE_PREFIX)]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{path} does not match its config: missing {missing}, unexpected {result.unexpected_keys}")
+        raise ValueError(
+            f"{path} does not match its config: missing {missing}, unexpected {result.unexpected_keys}"
+        )
     return model.to(device).eval(), config

