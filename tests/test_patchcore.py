@@ -1,0 +1,250 @@
+"""PatchCore: coreset against brute force, k-NN backends, feature aggregation order, end to end.
+
+The backbone is a tiny random stand-in with the FeatureExtractor interface, so that these tests depend
+neither on pretrained weights nor on the real backbone module.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from anomaly.methods.patchcore import nearest_neighbors
+from anomaly.methods.patchcore.coreset import ApproximateGreedyCoreset, greedy_k_center, random_projection
+from anomaly.methods.patchcore.model import PatchCore, aggregate_patch_features
+from anomaly.methods.patchcore.nearest_neighbors import nearest_distances
+
+IMAGE_SIZE = 64
+SQUARE = (slice(20, 40), slice(24, 44))  # rows, columns of the pasted defect
+
+
+class TinyBackbone(nn.Module):
+    """Two frozen random conv stages: stride 8 (8 channels) and stride 16 (16 channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stage1 = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        self.stage2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.layers, self.channels, self.strides = ["stage1", "stage2"], [8, 16], [8, 16]
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        first = self.stage1(images)
+        return {"stage1": first, "stage2": self.stage2(first)}
+
+
+def smooth_images(count: int, seed: int) -> Tensor:
+    """``[count, 3, 64, 64]`` smooth noise in [0.3, 0.7]: the "normal" texture."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(count, 3, 8, 8, generator=generator)
+    return 0.3 + 0.4 * F.interpolate(
+        coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
+    )
+
+
+def with_square(images: Tensor) -> Tensor:
+    defective = images.clone()
+    defective[:, :, SQUARE[0], SQUARE[1]] = 1.0
+    return defective
+
+
+def make_model(**kwargs) -> PatchCore:
+    options = {"pre_embed_dim": 64, "target_embed_dim": 64, "coreset_ratio": 0.25, "blur_sigma": 2.0}
+    return PatchCore(TinyBackbone(), **{**options, **kwargs})
+
+
+def fitted_model(**kwargs) -> PatchCore:
+    model = make_model(**kwargs)
+    for batch in smooth_images(16, seed=0).split(8):
+        model.collect(batch)
+    model.fit()
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> PatchCore:
+    return fitted_model()
+
+
+# --- coreset -----------------------------------------------------------------------------------------
+
+
+def brute_force_greedy(points: np.ndarray, count: int, starts: np.ndarray) -> list[int]:
+    """Greedy k-center from the full float64 distance matrix, starting from mean distances to ``starts``."""
+    distances = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    min_dist = distances[:, starts].mean(axis=1)
+    selected = []
+    for _ in range(count):
+        index = int(np.argmax(min_dist))
+        selected.append(index)
+        min_dist = np.minimum(min_dist, distances[:, index])
+    return selected
+
+
+def test_coreset_matches_brute_force_greedy() -> None:
+    features = torch.randn(300, 40, generator=torch.Generator().manual_seed(1))
+    sampler = ApproximateGreedyCoreset(0.1, projection_dim=16, num_starting_points=10, seed=3)
+    # select() draws the projection, then the starting points, from Generator(seed): replay that here
+    generator = torch.Generator().manual_seed(3)
+    points = random_projection(features, 16, generator, torch.float32)
+    starts = torch.randperm(300, generator=generator)[:10]
+
+    expected = brute_force_greedy(points.double().numpy(), 30, starts.numpy())
+    assert sampler.select(features).tolist() == expected
+
+
+def coverage_radius(points: Tensor, selected: Tensor) -> float:
+    """Largest distance of any point to its nearest selected point (float64)."""
+    points = points.double()
+    return torch.cdist(points, points[selected]).amin(dim=1).max().item()
+
+
+def test_float16_coreset_covers_as_well_as_float32() -> None:
+    features = torch.randn(3000, 64, generator=torch.Generator().manual_seed(2)) + 3.0
+    points = random_projection(features, 32, torch.Generator().manual_seed(0), torch.float32)
+    starts = torch.arange(10)
+    radius32 = coverage_radius(points, greedy_k_center(points, 150, starts))
+    radius16 = coverage_radius(points, greedy_k_center(points.half(), 150, starts))
+    print(f"coverage radius float32 {radius32:.4f}, float16 {radius16:.4f} ({radius16 / radius32 - 1:+.2%})")
+    assert radius16 <= 1.03 * radius32
+
+
+@pytest.mark.parametrize(
+    ("num_points", "ratio", "expected"), [(1000, 0.1, 100), (10, 0.333, 3), (50, 0.001, 1)]
+)
+def test_coreset_size_is_int_of_n_times_ratio(num_points: int, ratio: float, expected: int) -> None:
+    selected = ApproximateGreedyCoreset(ratio, projection_dim=4).select(torch.randn(num_points, 8))
+    assert len(selected) == expected
+    assert len(set(selected.tolist())) == expected
+
+
+def test_coreset_ratio_one_keeps_everything_in_order() -> None:
+    assert ApproximateGreedyCoreset(1.0).select(torch.randn(37, 8)).tolist() == list(range(37))
+    with pytest.raises(ValueError, match="ratio"):
+        ApproximateGreedyCoreset(0.0)
+
+
+# --- nearest neighbours ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch", "auto"])
+def test_knn_backends_match_brute_force(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nearest_neighbors, "_CHUNK_BYTES", 4 * 200 * 7)  # torch: 7 query rows per chunk
+    generator = torch.Generator().manual_seed(4)
+    queries, bank = torch.randn(50, 24, generator=generator), torch.randn(200, 24, generator=generator)
+    expected_dist, expected_index = torch.cdist(queries.double(), bank.double()).topk(3, largest=False)
+
+    distances, indices = nearest_distances(queries, bank, k=3, backend=backend)
+    assert torch.equal(indices, expected_index)
+    torch.testing.assert_close(distances.double(), expected_dist, rtol=1e-5, atol=1e-5)
+
+
+# --- feature aggregation -----------------------------------------------------------------------------
+
+
+def neighbourhood(feature_map: Tensor, row: int, col: int) -> Tensor:
+    """The zero-padded 3×3 neighbourhood ``[C, 3, 3]`` of one position of ``[C, h, w]``, flattened."""
+    padded = F.pad(feature_map, (1, 1, 1, 1))
+    return padded[:, row : row + 3, col : col + 3].reshape(-1)
+
+
+def test_full_dimensions_keep_the_flattened_neighbourhood() -> None:
+    feature_map = torch.randn(2, 3, 5, 6)
+    features = aggregate_patch_features([feature_map], 3, pre_embed_dim=27, target_embed_dim=27)
+    assert features.shape == (2, 5, 6, 27)
+    for batch, row, col in [(0, 0, 0), (1, 2, 3), (0, 4, 5)]:
+        torch.testing.assert_close(features[batch, row, col], neighbourhood(feature_map[batch], row, col))
+
+
+def test_pooling_order_matches_the_official_mean_mapper_then_aggregator() -> None:
+    first, second = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    features = aggregate_patch_features([first, second], 3, pre_embed_dim=9, target_embed_dim=6)
+    row, col = 1, 2
+    # per layer the 18-long [C, 3, 3] vector is pooled to 9 (means of pairs), then the 18 concatenated
+    # values to 6 (means of triples)
+    per_layer = [neighbourhood(layer[0], row, col).reshape(9, 2).mean(dim=1) for layer in (first, second)]
+    expected = torch.cat(per_layer).reshape(6, 3).mean(dim=1)
+    torch.testing.assert_close(features[0, row, col], expected)
+
+
+def test_deeper_layer_patches_are_upsampled_after_unfolding() -> None:
+    fine, coarse = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 4, 4)
+    features = aggregate_patch_features([fine, coarse], 3, pre_embed_dim=36, target_embed_dim=72)
+    assert features.shape == (2, 8, 8, 72)
+    coarse_patches = F.unfold(coarse, 3, padding=1).reshape(2, 36, 4, 4)
+    upsampled = F.interpolate(coarse_patches, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(features[..., 36:], upsampled.permute(0, 2, 3, 1))
+    torch.testing.assert_close(features[1, 3, 5, :36], neighbourhood(fine[1], 3, 5))
+
+
+def test_embed_shape() -> None:
+    embedding = make_model(pre_embed_dim=50, target_embed_dim=40).embed(smooth_images(2, seed=9))
+    assert embedding.shape == (2, 8 * 8, 40)
+
+
+# --- end to end --------------------------------------------------------------------------------------
+
+
+def test_square_defect_scores_higher_and_is_localised(model: PatchCore) -> None:
+    assert model.memory_bank.shape == (int(16 * 64 * 0.25), 64)
+    normal = smooth_images(4, seed=1)
+    normal_out, defect_out = model(normal), model(with_square(normal[:1]))
+
+    assert defect_out.anomaly_map.shape == (1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    assert defect_out.image_score.shape == (1,)
+    assert defect_out.image_score.item() > normal_out.image_score.max().item()
+    peak_row, peak_col = divmod(defect_out.anomaly_map.flatten().argmax().item(), IMAGE_SIZE)
+    assert SQUARE[0].start <= peak_row < SQUARE[0].stop
+    assert SQUARE[1].start <= peak_col < SQUARE[1].stop
+
+
+def test_state_dict_round_trip_through_safetensors(model: PatchCore, tmp_path) -> None:
+    images = with_square(smooth_images(2, seed=5))
+    expected = model(images)
+    save_file(model.state_dict(), tmp_path / "patchcore.safetensors")
+
+    restored = make_model()
+    assert not restored.is_fitted
+    restored.load_state_dict(load_file(tmp_path / "patchcore.safetensors"))
+    assert restored.is_fitted
+    actual = restored(images)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, rtol=0, atol=0)
+    torch.testing.assert_close(actual.image_score, expected.image_score, rtol=0, atol=0)
+
+
+def test_loading_into_a_fitted_model_rebuilds_the_index(model: PatchCore) -> None:
+    other = fitted_model(seed=1)  # same bank size, other coreset
+    images = smooth_images(2, seed=6)
+    target = copy.deepcopy(model)  # holds a cached faiss index, built for the other bank
+    target.load_state_dict(other.state_dict())
+    torch.testing.assert_close(target(images).anomaly_map, other(images).anomaly_map, rtol=0, atol=0)
+
+
+def test_unfitted_forward_raises() -> None:
+    with pytest.raises(RuntimeError, match="PatchCore is not fitted"):
+        make_model()(smooth_images(1, seed=0))
+
+
+def test_reweighting_scales_scores_by_a_factor_in_unit_interval(model: PatchCore) -> None:
+    reweighted = make_model(reweight=True, reweight_neighbors=9, knn_backend="torch")
+    reweighted.load_state_dict(model.state_dict())
+    images = torch.cat([smooth_images(3, seed=7), with_square(smooth_images(1, seed=8))])
+
+    plain, weighted = model(images).image_score, reweighted(images).image_score
+    assert torch.isfinite(weighted).all()
+    assert (weighted >= 0).all()
+    assert (weighted <= plain * 1.0).all()
+    torch.testing.assert_close(reweighted(images).anomaly_map, model(images).anomaly_map)
