@@ -18,16 +18,13 @@ BACKBONE_PREFIX = "backbone."
 
 
 def save_model(model: nn.Module, cfg: DictConfig, path: Path) -> None:
-    """Writes the fitted state of ``model`` and the backbone/method config that built it."""
+    """Writes the fitted state of ``model`` and the (resolved) method config that built it."""
     state = {
         k: v.detach().contiguous().cpu()
         for k, v in model.state_dict().items()
         if not k.startswith(BACKBONE_PREFIX)
     }
-    config = {
-        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
-        "method": OmegaConf.to_container(cfg.method, resolve=True),
-    }
+    config = {"method": OmegaConf.to_container(cfg.method, resolve=True)}
     metadata = {"format_version": str(FORMAT_VERSION), "config": json.dumps(config)}
     save_file(state, str(path), metadata=metadata)
 
@@ -48,8 +45,7 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, DictCo
             f"{FORMAT_VERSION}. Re-export the model with the matching anomaly version."
         )
     config = OmegaConf.create(json.loads(metadata["config"]))
-    backbone = instantiate(config.backbone)
-    model = instantiate(config.method.model, backbone=backbone)
+    model = instantiate(config.method.model)
     state = load_file(str(path), device="cpu")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(BACKBONE_PREFIX)]

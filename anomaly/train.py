@@ -41,8 +41,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.dataset)
-    backbone = instantiate(cfg.backbone)
-    model = instantiate(cfg.method.model, backbone=backbone)
+    model = instantiate(cfg.method.model)  # builds the backbone too, where the method uses one
     module = instantiate(cfg.method.module, model=model)
     loggers = build_loggers(cfg)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False)
@@ -86,6 +85,7 @@ def datamodule_name(cfg: DictConfig) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))
 

@@ -6,8 +6,8 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from torch import Tensor  # noqa: E402
+import matplotlib.pyplot as plt
+from torch import Tensor
 
 
 def save_heatmap(example: dict, path: Path, vmin: float, vmax: float) -> Path:
@@ -20,10 +20,10 @@ def save_heatmap(example: dict, path: Path, vmin: float, vmax: float) -> Path:
     figure, axes = plt.subplots(1, 3, figsize=(9, 3.2))
     axes[0].imshow(image)
     axes[0].set_title("good" if example["label"] == 0 else "defective", fontsize=9)
-    axes[1].imshow(example["mask"][0], cmap="gray", vmin=0, vmax=1)
+    axes[1].imshow(example["mask"][0].numpy(), cmap="gray", vmin=0, vmax=1)
     axes[1].set_title("ground truth", fontsize=9)
     axes[2].imshow(image)
-    axes[2].imshow(example["anomaly_map"][0], cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
+    axes[2].imshow(example["anomaly_map"][0].numpy(), cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
     axes[2].set_title(f"score {example['score']:.3g}", fontsize=9)
     for axis in axes:
         axis.axis("off")

@@ -137,4 +137,3 @@ def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple
         [s for i, s in enumerate(samples) if i not in val_ids],
         [s for i, s in enumerate(samples) if i in val_ids],
     )
-

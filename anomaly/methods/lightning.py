@@ -93,3 +93,31 @@ class FitOnceModule(AnomalyModule):
 
     def configure_optimizers(self) -> None:
         return None
+
+
+class TrainedModule(AnomalyModule):
+    """Optimises ``model.training_loss(images)`` (a dict with the total under ``"loss"``).
+
+    Manual optimisation, so methods with several optimisers (SimpleNet: adaptor and discriminator)
+    need no special casing: every optimiser and scheduler returned by ``configure_optimizers`` — which
+    each method's own module defines from plain config values — is stepped once per batch.
+    """
+
+    def __init__(self, model: nn.Module, num_examples: int = 8) -> None:
+        super().__init__(model, num_examples)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        losses = self.model.training_loss(batch["image"])
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        self.manual_backward(losses["loss"])
+        for optimizer in optimizers:
+            optimizer.step()
+        schedulers = self.lr_schedulers() or []
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            scheduler.step()
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True)
+        return losses["loss"]
