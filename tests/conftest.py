@@ -1,8 +1,15 @@
 """Shared fixtures: a tiny random backbone with the FeatureExtractor interface."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 from torch import Tensor, nn
+
+from anomaly.train import CONFIG_DIR, train
 
 
 class TinyBackbone(nn.Module):
@@ -28,3 +35,30 @@ class TinyBackbone(nn.Module):
 @pytest.fixture
 def tiny_backbone() -> TinyBackbone:
     return TinyBackbone()
+
+
+SMALL_DATA = [
+    "dataset.n_train=16",
+    "dataset.n_test_good=8",
+    "dataset.n_test_defect=12",
+    "dataset.generated_size=128",
+    "dataset.image_size=128",
+    "dataset.num_workers=0",
+    "dataset.batch_size=8",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+def run_training(tmp_path: Path, overrides: list[str]) -> tuple[dict, Path]:
+    """Runs anomaly-train's job on small generated data (shared by the tests of one session); returns
+    (metrics, run dir)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[*SMALL_DATA, *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    output_dir = tmp_path / "run"
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.data_dir = str(tmp_path.parent / "shared-data")  # generated once per test session folder
+        del cfg.hydra  # as in a real run, where the job config has no hydra node
+    return train(cfg), output_dir
