@@ -9,10 +9,13 @@ import json
 import logging
 import resource
 import time
+import traceback
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
@@ -37,7 +40,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Runs one experiment; returns its metrics (also written to ``<output_dir>/metrics.json``)."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    config_text = OmegaConf.to_yaml(cfg, resolve=True)
+    if previous := finished_run(output_dir, config_text, cfg.get("force", False)):
+        log.info("Skipping %s: results for this exact config exist (force=true redoes it).", output_dir)
+        return previous
+    (output_dir / "error.json").unlink(missing_ok=True)
+    (output_dir / "config.yaml").write_text(config_text)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.dataset)
@@ -73,6 +81,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def finished_run(output_dir: Path, config_text: str, force: bool) -> dict[str, float] | None:
+    """The metrics of an earlier run in ``output_dir`` with the identical resolved config, if any."""
+    metrics, config = output_dir / "metrics.json", output_dir / "config.yaml"
+    if force or not (metrics.is_file() and config.is_file()) or config.read_text() != config_text:
+        return None
+    return json.loads(metrics.read_text())
+
+
+def record_failure(output_dir: Path, error: BaseException) -> None:
+    """Leaves error.json in the run dir, for the sweep summary (anomaly/benchmark.py)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    text = "".join(traceback.format_exception_only(type(error), error)).strip()
+    (output_dir / "error.json").write_text(json.dumps({"error": text, "traceback": traceback.format_exc()}))
+
+
 def print_summary(cfg: DictConfig, metrics: dict[str, float], output_dir: Path) -> None:
     title = f"{cfg.method.name} | {cfg.backbone.name} | {datamodule_name(cfg)}"
     rows = "\n".join(f"  {key:<20} {value:>10.4f}" for key, value in metrics.items())
@@ -86,7 +109,15 @@ def datamodule_name(cfg: DictConfig) -> str:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except Exception as error:
+        record_failure(Path(cfg.paths.output_dir), error)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        # a sweep goes on; CollectResults lists the failure and exits non-zero at the end
+        log.exception("Run failed: %s", cfg.paths.output_dir)
+        return None
     return metrics.get(cfg.get("optimized_metric"))
 
 
