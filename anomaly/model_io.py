@@ -6,6 +6,7 @@ time); everything fitted or trained is. Loading checks the file format version.
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -13,25 +14,42 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from anomaly.calibration import Calibration
+
 FORMAT_VERSION = 1
 BACKBONE_PREFIX = "backbone."
 
 
-def save_model(model: nn.Module, cfg: DictConfig, path: Path) -> None:
-    """Writes the fitted state of ``model`` and the (resolved) method config that built it."""
+class LoadedModel(NamedTuple):
+    model: nn.Module  # eval mode; images [B,3,H,W] in [0,1] at the training size → AnomalyOutput
+    config: DictConfig  # the resolved method config (and the data transform settings) it was built from
+    calibration: Calibration | None  # threshold fitted on normal validation images; None without val split
+
+
+def save_model(model: nn.Module, cfg: DictConfig, path: Path, calibration: Calibration | None = None) -> None:
+    """Writes the fitted state of ``model``, the resolved method config and transform, and the calibration."""
     state = {
         k: v.detach().contiguous().cpu()
         for k, v in model.state_dict().items()
         if not k.startswith(BACKBONE_PREFIX)
     }
-    config = {"method": OmegaConf.to_container(cfg.method, resolve=True)}
-    metadata = {"format_version": str(FORMAT_VERSION), "config": json.dumps(config)}
+    config = {
+        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "transform": {"image_size": cfg.dataset.image_size, "crop_size": cfg.dataset.crop_size},
+    }
+    metadata = {
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(OmegaConf.to_container(OmegaConf.create(config), resolve=True)),
+        "calibration": json.dumps(calibration.to_dict() if calibration else None),
+    }
     save_file(state, str(path), metadata=metadata)
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, DictConfig]:
-    """Rebuilds the model saved by :func:`save_model`; returns it in eval mode with its config."""
+def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """Rebuilds the model saved by :func:`save_model` (a run dir works too), with config and calibration."""
     path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(
             f"Model file {path} does not exist (a run writes <run dir>/model.safetensors)."
@@ -53,4 +71,5 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, DictCo
         raise ValueError(
             f"{path} does not match its config: missing {missing}, unexpected {result.unexpected_keys}"
         )
-    return model.to(device).eval(), config
+    calibration = json.loads(metadata.get("calibration") or "null")
+    return LoadedModel(model.to(device).eval(), config, Calibration(**calibration) if calibration else None)

@@ -7,13 +7,16 @@ Returns the metric named by ``optimized_metric`` so that Hydra sweepers can opti
 
 import json
 import logging
+import os
 import resource
+import sys
 import time
 import traceback
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -27,8 +30,40 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the repo's configs/ (editable install)
 
 
+def sweep_id(default: str) -> str:
+    """``${sweep_id:default}``: the sweep folder's name in a multirun (the wandb group that lines a sweep's
+    runs up, see configs/logger/wandb.yaml), else ``default``."""
+    hydra_config = HydraConfig.get()
+    return Path(hydra_config.sweep.dir).name if hydra_config.mode == RunMode.MULTIRUN else default
+
+
+OmegaConf.register_new_resolver("sweep_id", sweep_id, replace=True)
+
+
 def build_loggers(cfg: DictConfig) -> list[Logger]:
     return [instantiate(node) for node in (cfg.get("logger") or {}).values()]
+
+
+def set_cpu_threads(num_threads: int | None) -> None:
+    """Torch's CPU threads for this job: ``num_threads``, or by default under ``hydra/launcher=joblib`` the
+    cores split between its parallel jobs (each would otherwise start a thread per core)."""
+    if num_threads is None:
+        n_jobs = HydraConfig.get().launcher.get("n_jobs")
+        if n_jobs is None:
+            return
+        cores = len(os.sched_getaffinity(0))
+        parallel_jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's rule for n_jobs < 0
+        num_threads = max(1, cores // parallel_jobs)
+    torch.set_num_threads(num_threads)
+    log.info("Torch CPU threads: %d", num_threads)
+
+
+def end_wandb_run(exit_code: int) -> None:
+    """Finishes this job's wandb run, if any: jobs of a sweep can share a process (Hydra's basic launcher,
+    joblib workers), and WandbLogger would log the next job into a run that is still open."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 def peak_rss_mb() -> float:
@@ -45,8 +80,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("Skipping %s: results for this exact config exist (force=true redoes it).", output_dir)
         return previous
     (output_dir / "error.json").unlink(missing_ok=True)
+    (output_dir / "metrics.json").unlink(missing_ok=True)  # an earlier config's metrics are not this run's
     (output_dir / "config.yaml").write_text(config_text)
     pl.seed_everything(cfg.seed, workers=True)
+    set_cpu_threads(cfg.get("num_threads"))
 
     datamodule = instantiate(cfg.dataset)
     model = instantiate(cfg.method.model)  # builds the backbone too, where the method uses one
@@ -59,7 +96,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
-    save_model(model, cfg, output_dir / "model.safetensors")
+    save_model(model, cfg, output_dir / "model.safetensors", module.calibration)
 
     start = time.perf_counter()
     trainer.test(module, datamodule=datamodule, verbose=False)
@@ -77,6 +114,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_metrics({k: v for k, v in metrics.items() if k not in module.test_metrics})
         if isinstance(logger, WandbLogger) and heatmaps:
             logger.log_image("heatmaps", [str(p) for p in heatmaps], caption=[p.stem for p in heatmaps])
+    end_wandb_run(exit_code=0)
     print_summary(cfg, metrics, output_dir)
     return metrics
 
@@ -112,6 +150,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except Exception as error:
+        end_wandb_run(exit_code=1)
         record_failure(Path(cfg.paths.output_dir), error)
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise

@@ -22,7 +22,7 @@ def test_method_detects_generated_defects_and_reloads_identically(tmp_path, meth
     assert (output_dir / "config.yaml").is_file()
 
     # the saved model, rebuilt from its file alone, gives identical test metrics
-    model, _ = load_model(output_dir / "model.safetensors")
+    model = load_model(output_dir).model
     data = SyntheticAD(
         root=str(tmp_path.parent / "shared-data" / "synthetic"), category="fabric", n_train=16, n_test_good=8,
         n_test_defect=12, generated_size=128, image_size=128, crop_size=None, batch_size=8, num_workers=0,

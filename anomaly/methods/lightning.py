@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from anomaly.calibration import Calibration, fit_calibration
 from anomaly.methods.base import FitOnceModel
 from anomaly.metrics import Evaluator
 
@@ -20,15 +21,28 @@ log = logging.getLogger(__name__)
 class AnomalyModule(pl.LightningModule):
     """Scores the test set; ``test_metrics`` and ``examples`` are read by the entry point afterwards."""
 
-    def __init__(self, model: nn.Module, num_examples: int = 8) -> None:
+    def __init__(self, model: nn.Module, num_examples: int = 8, threshold_quantile: float = 0.99) -> None:
         super().__init__()
         self.model = model
         self.num_examples = num_examples
+        self.threshold_quantile = threshold_quantile
+        self.calibration: Calibration | None = None
+        self._validation_scores: list[Tensor] = []
         self.evaluator: Evaluator | None = None
         self.test_metrics: dict[str, float] = {}
         self.examples: list[dict] = []
         self._example_ids: set[int] = set()
         self._seen = 0
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Scores normal validation images; their scores calibrate the threshold (never the test set)."""
+        self._validation_scores.append(self.model(batch["image"]).image_score.detach().float().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        scores = torch.cat(self._validation_scores) if self._validation_scores else torch.empty(0)
+        self._validation_scores = []
+        self.calibration = fit_calibration(scores, self.threshold_quantile)
+        self.log("val/threshold", self.calibration.threshold)
 
     def on_test_start(self) -> None:
         datamodule = self.trainer.datamodule
@@ -67,17 +81,21 @@ class AnomalyModule(pl.LightningModule):
         self._seen += len(scores)
 
     def on_test_epoch_end(self) -> None:
-        self.test_metrics = self.evaluator.compute() if self._image_metrics else {}
+        threshold = self.calibration.threshold if self.calibration else None
+        self.test_metrics = self.evaluator.compute(threshold) if self._image_metrics else {}
         self.evaluator = None
         if self.test_metrics:
             self.log_dict({f"test/{k}": v for k, v in self.test_metrics.items()})
 
 
 class FitOnceModule(AnomalyModule):
-    """Feeds every training batch to ``model.collect`` for one epoch, then calls ``model.fit``."""
+    """Feeds every training batch to ``model.collect`` for one epoch, then calls ``model.fit``.
 
-    def __init__(self, model: FitOnceModel, num_examples: int = 8) -> None:
-        super().__init__(model, num_examples)
+    The normal validation split (if any) is scored afterwards to calibrate the threshold.
+    """
+
+    def __init__(self, model: FitOnceModel, num_examples: int = 8, threshold_quantile: float = 0.99) -> None:
+        super().__init__(model, num_examples, threshold_quantile)
         self.automatic_optimization = False
 
     def on_train_epoch_start(self) -> None:
@@ -87,9 +105,8 @@ class FitOnceModule(AnomalyModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         with torch.no_grad():
             self.model.collect(batch["image"])
-
-    def on_train_epoch_end(self) -> None:
-        self.model.fit()
+        if batch_idx == self.trainer.num_training_batches - 1:
+            self.model.fit()  # here, not in on_train_epoch_end: Lightning validates before that hook
 
     def configure_optimizers(self) -> None:
         return None
@@ -103,8 +120,8 @@ class TrainedModule(AnomalyModule):
     each method's own module defines from plain config values — is stepped once per batch.
     """
 
-    def __init__(self, model: nn.Module, num_examples: int = 8) -> None:
-        super().__init__(model, num_examples)
+    def __init__(self, model: nn.Module, num_examples: int = 8, threshold_quantile: float = 0.99) -> None:
+        super().__init__(model, num_examples, threshold_quantile)
         self.automatic_optimization = False
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

@@ -4,6 +4,7 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc, binary_precision_recall_curve
 
+from anomaly.calibration import metrics_at_threshold
 from anomaly.metrics.aupro import aupro
 
 
@@ -53,19 +54,23 @@ class Evaluator:
         self._scores.append(image_scores.detach().to("cpu", torch.float32))
         self._labels.append(labels.detach().to("cpu", torch.bool))
 
-    def compute(self) -> dict[str, float]:
+    def compute(self, threshold: float | None = None) -> dict[str, float]:
         """Metrics over everything collected.
 
         Keys: ``image_auroc``, ``image_f1_max``, ``image_f1_threshold`` and, with pixel metrics,
-        ``pixel_auroc`` (over all pixels of all images) and ``pixel_aupro``. Raises ``ValueError``
-        when a metric is undefined, e.g. when the test set holds only one class.
+        ``pixel_auroc`` (over all pixels of all images) and ``pixel_aupro``; with a ``threshold``
+        (calibrated on normal validation images, never on this set) also precision, recall, F1 and
+        false-alarm rate at it. Raises ``ValueError`` when a metric is undefined, e.g. when the test
+        set holds only one class.
         """
         if not self._scores:
             raise ValueError("no batch to evaluate: update() was never called")
         scores, labels = _merge(self._scores), _merge(self._labels)
         _require_both_classes(labels, "image metrics", "images")
-        f1, threshold = f1_max(scores, labels)
-        metrics = {"image_auroc": _auroc(scores, labels), "image_f1_max": f1, "image_f1_threshold": threshold}
+        f1, best = f1_max(scores, labels)
+        metrics = {"image_auroc": _auroc(scores, labels), "image_f1_max": f1, "image_f1_threshold": best}
+        if threshold is not None:
+            metrics.update(metrics_at_threshold(scores, labels, threshold))
         if self._masks:
             maps, masks = _merge(self._maps), _merge(self._masks)
             _require_both_classes(masks, "pixel metrics", "pixels")
