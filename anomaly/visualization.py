@@ -4,6 +4,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+from PIL import Image
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -56,3 +57,29 @@ def save_heatmaps(examples: list[dict], folder: Path) -> list[Path]:
 
 def _hwc(image: Tensor):
     return image.permute(1, 2, 0).clamp(0, 1).numpy()
+
+
+def save_prediction(
+    image: Tensor, anomaly_map: Tensor, score: float, threshold: float | None, stem: Path
+) -> None:
+    """``<stem>_overlay.png`` (image | heatmap, red = at or above the threshold) and, with a threshold,
+    ``<stem>_mask.png`` (binary defect mask at the evaluated resolution)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    heat = anomaly_map.numpy()
+    vmin = float(heat.min())
+    vmax = max(threshold if threshold is not None else float(heat.max()), vmin + 1e-6)
+    figure, axes = plt.subplots(1, 2, figsize=(6, 3.2))
+    axes[0].imshow(_hwc(image))
+    axes[1].imshow(_hwc(image))
+    axes[1].imshow(
+        heat, cmap="jet", alpha=0.5, vmin=float(heat.min()), vmax=max(vmax, float(heat.min()) + 1e-6)
+    )
+    verdict = "" if threshold is None else (" ANOMALOUS" if score >= threshold else " ok")
+    axes[1].set_title(f"score {score:.3g}{verdict}", fontsize=9)
+    for axis in axes:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(f"{stem}_overlay.png", dpi=80)
+    plt.close(figure)
+    if threshold is not None:
+        Image.fromarray(((heat >= threshold) * 255).astype(np.uint8)).save(f"{stem}_mask.png")

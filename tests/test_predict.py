@@ -1,0 +1,69 @@
+import csv
+import json
+import shutil
+
+import pytest
+from conftest import run_training
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from anomaly.model_io import load_model
+from anomaly.predict import predict
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("predict")
+    _, run_dir = run_training(tmp_path, ["method=padim", "logger=none"])
+    return run_dir
+
+
+def predict_config(model, input_spec, **overrides):
+    base = {"model": str(model), "input": str(input_spec), "batch_size": 4, "num_workers": 0,
+            "device": "auto", "threshold": None, "save_overlays": True}  # fmt: skip
+    return OmegaConf.create({**base, **overrides})
+
+
+def test_predict_folder_with_a_corrupt_file_scores_the_rest(fitted_run, tmp_path):
+    data_root = fitted_run.parents[1] / "shared-data" / "synthetic" / "fabric" / "test"
+    folder = tmp_path / "line"
+    folder.mkdir()
+    images = sorted((data_root / "good").glob("*.png"))[:3] + sorted(data_root.glob("[!g]*/*.png"))[:3]
+    for i, image in enumerate(images):
+        shutil.copy(image, folder / f"{i:02d}_{image.parent.name}.png")
+    (folder / "99_broken.png").write_bytes(b"\x89PNG truncated")
+
+    csv_path = predict(predict_config(fitted_run, folder), tmp_path / "out")
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == 7
+    broken = [r for r in rows if "99_broken" in r["path"]]
+    assert len(broken) == 1 and "Cannot read image" in broken[0]["error"] and broken[0]["image_score"] == ""
+    scored = [r for r in rows if r["error"] == ""]
+    assert len(scored) == 6 and all(r["is_anomalous"] in ("0", "1") for r in scored)
+    good = [float(r["normalised_score"]) for r in scored if "good" in r["path"]]
+    defective = [float(r["normalised_score"]) for r in scored if "good" not in r["path"]]
+    assert max(good) < min(defective)
+    assert len(list((tmp_path / "out" / "images").glob("*_overlay.png"))) == 6
+    assert len(list((tmp_path / "out" / "images").glob("*_mask.png"))) == 6
+
+
+def test_predict_uses_the_saved_threshold_and_scores_like_the_model(fitted_run, tmp_path):
+    loaded = load_model(fitted_run)
+    assert loaded.calibration is not None
+    good_dir = fitted_run.parents[1] / "shared-data" / "synthetic" / "fabric" / "test" / "good"
+    image = next(good_dir.glob("*.png"))
+    rows = list(csv.DictReader(predict(predict_config(fitted_run, image), tmp_path / "out").open()))
+    score = float(rows[0]["image_score"])
+    assert rows[0]["is_anomalous"] == str(int(score >= loaded.calibration.threshold))
+
+
+def test_model_file_of_another_format_version_is_refused(fitted_run, tmp_path):
+    source = fitted_run / "model.safetensors"
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata()
+    newer = tmp_path / "model.safetensors"
+    save_file(load_file(str(source)), str(newer), metadata={**metadata, "format_version": "99"})
+    with pytest.raises(ValueError, match="format version 99"):
+        load_model(newer)
+    assert json.loads(metadata["config"])["method"]["name"] == "padim"
