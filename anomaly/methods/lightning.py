@@ -41,6 +41,10 @@ class AnomalyModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         scores = torch.cat(self._validation_scores) if self._validation_scores else torch.empty(0)
         self._validation_scores = []
+        if len(scores) < 2:
+            count = len(scores)
+            log.warning("Only %d validation image(s): no threshold; raise dataset.val_fraction", count)
+            return
         self.calibration = fit_calibration(scores, self.threshold_quantile)
         self.log("val/threshold", self.calibration.threshold)
 

@@ -1,0 +1,468 @@
+"""Sweeps: the collector (results.csv, summary.md, report.html, the wandb table) on hand-written run dirs,
+and real multiruns through `python -m anomaly.train -m`: resume, fault isolation, the joblib and submitit
+launchers, an Optuna search. The real runs fit PaDiM on 64 px images, a few seconds each."""
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf, open_dict
+from PIL import Image
+
+from anomaly.benchmark import finish_sweep, search_notes, write_reports
+from anomaly.data.mvtec import MVTEC_CATEGORIES
+from anomaly.data.synthetic import ensure_dataset
+from anomaly.train import CONFIG_DIR
+
+TARGETS = {"synthetic": "anomaly.data.synthetic.SyntheticAD", "mvtec": "anomaly.data.mvtec.MVTecAD"}
+TINY_RUN = [
+    "method=padim",
+    "logger=csv",
+    "dataset.num_workers=0",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+TINY_SYNTHETIC = ["dataset.n_train=4", "dataset.n_test_good=2", "dataset.n_test_defect=3"]
+TINY_SYNTHETIC += [
+    "dataset.generated_size=64",
+    "dataset.image_size=64",
+    "dataset.val_fraction=0.0",
+]  # too few to calibrate
+
+
+def fake_run(
+    sweep: Path,
+    name: str,
+    *,
+    method: str = "padim",
+    category: str = "fabric",
+    seed: int = 0,
+    metrics: dict | None = None,
+    error: str | None = None,
+    overrides: tuple[str, ...] = (),
+    dataset: str = "synthetic",
+    backbone: str = "efficientnet_lite0",
+    wandb: bool = False,
+) -> Path:
+    """A run dir as train() leaves it: config.yaml, then metrics.json or error.json."""
+    run_dir = sweep / name
+    (run_dir / ".hydra").mkdir(parents=True)
+    config = {
+        "method": {"name": method},
+        "backbone": {"name": backbone},
+        "dataset": {"_target_": TARGETS[dataset], "category": category},
+        "seed": seed,
+        "logger": {"wandb": {"project": "anomaly", "offline": True}} if wandb else {},
+    }
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"method={method}", *overrides]))
+    if metrics is not None:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    if error is not None:
+        (run_dir / "error.json").write_text(json.dumps({"error": error, "traceback": "..."}))
+    return run_dir
+
+
+def scores(image_auroc: float) -> dict[str, float]:
+    return {"image_auroc": image_auroc, "pixel_auroc": 0.9, "pixel_aupro": 0.8, "image_f1_max": 0.7}
+
+
+def table_rows(summary: str, metric: str) -> dict[str, list[str]]:
+    """{first cell: cells} of one metric's table in summary.md."""
+    section = summary.split(f"## {metric}\n")[1].split("\n## ")[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    return {cells[0].strip().strip("*"): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_collector_rows_and_mean_row(tmp_path):
+    fake_run(tmp_path, "a", category="fabric", metrics=scores(0.90))
+    fake_run(tmp_path, "b", category="tile", metrics=scores(0.80))
+    fake_run(tmp_path, "c", method="patchcore", category="fabric", metrics=scores(1.0))
+    fake_run(tmp_path, "d", method="patchcore", category="tile", error="DataError: Cannot read image x.png")
+    rows, _, _ = write_reports(tmp_path)
+
+    with (tmp_path / "results.csv").open() as handle:
+        results = {(r["method"], r["category"]): r for r in csv.DictReader(handle)}
+    assert len(results) == 4 and len(rows) == 4
+    assert (
+        results["padim", "tile"]["status"] == "ok" and float(results["padim", "tile"]["image_auroc"]) == 0.8
+    )
+    assert results["patchcore", "tile"]["status"] == "failed"
+    assert "Cannot read image x.png" in results["patchcore", "tile"]["error"]
+
+    summary = (tmp_path / "summary.md").read_text()
+    table = table_rows(summary, "image_auroc")
+    assert table["fabric"] == ["90.0", "100.0"]
+    assert table["tile"] == ["80.0", "failed"]
+    assert table["mean"] == ["85.0", "– ⚠"]  # no fair mean over categories with a failure
+    assert "4 runs, 1 failed" in summary and "Cannot read image x.png" in summary
+
+
+def test_seeds_give_mean_and_std(tmp_path):
+    for seed, (fabric, tile) in enumerate([(0.90, 0.80), (0.92, 0.84), (0.94, 0.88)]):
+        fake_run(
+            tmp_path,
+            f"f{seed}",
+            category="fabric",
+            seed=seed,
+            metrics=scores(fabric),
+            overrides=(f"seed={seed}",),
+        )
+        fake_run(
+            tmp_path,
+            f"t{seed}",
+            category="tile",
+            seed=seed,
+            metrics=scores(tile),
+            overrides=(f"seed={seed}",),
+        )
+    write_reports(tmp_path)
+    table = table_rows((tmp_path / "summary.md").read_text(), "image_auroc")
+    assert table["fabric"] == ["92.0 ± 2.0"]
+    assert table["tile"] == ["84.0 ± 4.0"]
+    assert table["mean"] == ["88.0 ± 3.0"]  # per seed the mean over categories (85, 88, 91), then mean ± std
+
+
+def test_swept_settings_are_not_averaged_as_seeds(tmp_path):
+    """A coreset ratio sweep gives one column per ratio, not one column averaging the ratios."""
+    for ratio, value in (("0.01", 0.8), ("0.1", 0.9)):
+        overrides = ("method=patchcore", f"method.model.coreset_ratio={ratio}", "dataset.n_train=8")
+        fake_run(tmp_path, ratio, method="patchcore", metrics=scores(value), overrides=overrides)
+    rows, _, _ = write_reports(tmp_path)
+    assert sorted(r["variant"] for r in rows) == ["coreset_ratio=0.01", "coreset_ratio=0.1"]
+    header = next(
+        line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| category")
+    )
+    assert "patchcore (efficientnet_lite0) [coreset_ratio=0.01]" in header and "n_train" not in header
+
+
+def test_repeated_runs_count_once_and_stale_or_broken_dirs_are_read_right(tmp_path):
+    old = fake_run(tmp_path, "old_logger", metrics=scores(0.5))
+    for file in ("config.yaml", "metrics.json"):
+        os.utime(old / file, (1, 1))
+    fake_run(
+        tmp_path, "new_logger", metrics=scores(0.9)
+    )  # the same combination again, e.g. with logger=wandb
+    stale = fake_run(
+        tmp_path, "stale", category="tile", metrics=scores(0.9), error="RuntimeError: retry failed"
+    )
+    (stale / "wandb" / "files").mkdir(parents=True)  # wandb's own config.yaml is not a run
+    (stale / "wandb" / "files" / "config.yaml").write_text("method:\n  value: {name: padim}\n")
+    early = tmp_path / "config_error"  # failed before config.yaml was written: Hydra's copy tells what it was
+    (early / ".hydra").mkdir(parents=True)
+    (early / ".hydra" / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "method": {"name": "padim"},
+                "backbone": {"name": "resnet18"},
+                "seed": 0,
+                "dataset": {"_target_": TARGETS["mvtec"], "category": "screw", "root": "???"},
+            }
+        )
+    )
+    (early / "error.json").write_text(json.dumps({"error": "MissingMandatoryValue: dataset.root"}))
+
+    rows, _, _ = write_reports(tmp_path)
+    by_dir = {Path(r["run_dir"]).name: r for r in rows}
+    assert set(by_dir) == {"new_logger", "stale", "config_error"}
+    assert by_dir["stale"]["status"] == "failed"  # error.json of the latest attempt beats older metrics
+    assert by_dir["config_error"]["category"] == "screw" and by_dir["config_error"]["status"] == "failed"
+    assert "Ignored 1 older run(s)" in (tmp_path / "summary.md").read_text()
+
+
+def test_paper_numbers_only_beside_comparable_runs(tmp_path):
+    for i, category in enumerate(MVTEC_CATEGORIES):
+        fake_run(
+            tmp_path / "all",
+            f"wr50_{i}",
+            category=category,
+            dataset="mvtec",
+            backbone="wide_resnet50_2",
+            metrics={**scores(0.95), "pixel_auroc": 0.97},
+        )
+    summary = tmp_path / "all" / "summary.md"
+    write_reports(tmp_path / "all")
+    table = table_rows(summary.read_text(), "pixel_auroc")
+    assert table["carpet"] == ["97.0", "99.1", "-2.1"]  # PaDiM-WR50-Rd550's published carpet value
+    assert table["mean"] == ["97.0", "97.5", "-0.5"]  # all 15 categories ran: the paper's own mean
+    assert table_rows(summary.read_text(), "image_auroc")["carpet"] == ["95.0", "–", "–"]  # only a mean
+    assert "Defard et al." in summary.read_text()
+
+    fake_run(
+        tmp_path / "two",
+        "a",
+        category="bottle",
+        dataset="mvtec",
+        backbone="wide_resnet50_2",
+        metrics=scores(1.0),
+    )
+    fake_run(
+        tmp_path / "two",
+        "b",
+        category="cable",
+        dataset="mvtec",
+        backbone="wide_resnet50_2",
+        metrics=scores(1.0),
+    )
+    write_reports(tmp_path / "two")
+    assert table_rows((tmp_path / "two" / "summary.md").read_text(), "pixel_aupro")["mean"] == [
+        "80.0",
+        "91.8",
+        "-11.8",
+    ]
+
+    fake_run(
+        tmp_path / "lite", "a", category="bottle", dataset="mvtec", metrics=scores(1.0)
+    )  # not the paper's backbone
+    fake_run(tmp_path / "synthetic", "a", backbone="wide_resnet50_2", metrics=scores(1.0))  # not MVTec AD
+    for sweep in ("lite", "synthetic"):
+        write_reports(tmp_path / sweep)
+        assert " paper " not in (tmp_path / sweep / "summary.md").read_text().split("Paper numbers")[0]
+
+
+def test_summary_table_is_logged_to_wandb_offline(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    calls, real_init = [], wandb.init
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or real_init(**kwargs))
+    sweep = tmp_path / "my_sweep"
+    fake_run(sweep, "a", metrics=scores(0.9), wandb=True)
+    fake_run(sweep, "b", category="tile", error="DataError: broken", wandb=True)
+    assert len(finish_sweep(sweep)) == 1
+    assert calls[0]["group"] == "my_sweep" and calls[0]["mode"] == "offline"  # the group of the sweep's runs
+    tables = list((sweep / "wandb").glob("offline-run-*/files/media/table/results_*.table.json"))
+    assert len(tables) == 1, "no offline wandb run with the results table in the sweep dir"
+    logged = json.loads(tables[0].read_text())
+    assert len(logged["data"]) == 2 and "category" in logged["columns"]
+
+    no_wandb = tmp_path / "csv_sweep"
+    fake_run(no_wandb, "a", metrics=scores(0.9))
+    finish_sweep(no_wandb)
+    assert len(calls) == 1 and not (no_wandb / "wandb").exists()
+
+
+def test_wandb_group_is_the_sweep_in_a_multirun():
+    for mode, group in ((RunMode.MULTIRUN, "my_sweep"), (RunMode.RUN, "padim")):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            overrides = ["logger=wandb", "method=padim", "hydra.sweep.dir=/x/my_sweep"]
+            cfg = compose("train", overrides, return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.mode = mode
+        HydraConfig.instance().set_config(cfg)
+        assert cfg.logger.wandb.group == group
+        assert cfg.logger.wandb.job_type == "padim"
+        assert (group == "my_sweep") == ("my_sweep" in cfg.logger.wandb.tags)
+
+
+@pytest.mark.parametrize("search", ["padim_optuna", "patchcore_optuna"])
+def test_searches_tune_on_their_own_generated_data_and_warn_on_mvtec(search, tmp_path):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", [f"hparams_search={search}"], return_hydra_config=True)
+        mvtec = [
+            f"hparams_search={search}",
+            "dataset=mvtec",
+            "dataset.root=/data",
+            "~dataset.generation_seed",
+        ]
+        on_mvtec = compose(
+            "train", mvtec, return_hydra_config=True
+        )  # the recipe for held-out MVTec categories
+    HydraConfig.instance().set_config(cfg)
+    assert "Optuna" in cfg.hydra.sweeper._target_ and cfg.hydra.sweeper.direction == "maximize"
+    for key in cfg.hydra.sweeper.params:  # every searched key exists in the method's config
+        assert OmegaConf.select(cfg, key) is not None, key
+    assert cfg.dataset.generation_seed == 1 and cfg.dataset.root.endswith("synthetic_search")
+    assert search_notes(cfg, tmp_path) == []
+    assert "WARNING" in search_notes(on_mvtec, tmp_path)[0]
+
+
+# --- real multiruns --------------------------------------------------------------------------------------
+
+
+def anomaly_train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "anomaly.train", "-m", *TINY_RUN, *overrides]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Generated once, before parallel jobs could both start generating it."""
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    return ensure_dataset(root, ["fabric"], n_train=4, n_test_good=2, n_test_defect=3, image_size=64, seed=0)
+
+
+def test_submitit_sweep_resumes_and_skips_finished_runs(tmp_path, synthetic_root):
+    """The benchmark experiment, first with the submitit launcher (jobs in their own processes), then again:
+    the second invocation finds every run finished and leaves the files alone."""
+    sweep = tmp_path / "sweep"
+    args = [
+        "experiment=benchmark_synthetic",
+        "dataset.category=fabric",
+        "seed=0,1",
+        *TINY_SYNTHETIC,
+        f"dataset.root={synthetic_root}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    first = anomaly_train(tmp_path, *args, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (sweep / ".submitit").is_dir()
+    metrics = sorted(sweep.glob("*/metrics.json"))
+    assert len(metrics) == 2
+    assert re.search(r"\| fabric \| \d+\.\d ± \d+\.\d \|", (sweep / "summary.md").read_text())
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in metrics}
+
+    second = anomaly_train(tmp_path, *args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert (second.stdout + second.stderr).count("results for this exact config exist") == 2
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in metrics} == before
+    assert len(list(csv.DictReader((sweep / "results.csv").open()))) == 2
+
+
+def write_tiny_mvtec(root: Path) -> None:
+    """Two categories in MVTec AD's layout; one of them has an unreadable test image."""
+    rng = np.random.default_rng(0)
+    for category in ("good_part", "corrupt_part"):
+        folder = root / category
+        for split, count, defect in (
+            ("train/good", 4, False),
+            ("test/good", 2, False),
+            ("test/scratch", 2, True),
+        ):
+            (folder / split).mkdir(parents=True)
+            for i in range(count):
+                image = (rng.random((64, 64, 3)) * 60 + 100).astype(np.uint8)
+                if defect:
+                    image[20:30, 20:30] = 255
+                    mask = np.zeros((64, 64), np.uint8)
+                    mask[20:30, 20:30] = 255
+                    (folder / "ground_truth" / "scratch").mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(mask).save(folder / "ground_truth" / "scratch" / f"{i:03d}_mask.png")
+                Image.fromarray(image).save(folder / split / f"{i:03d}.png")
+    (root / "corrupt_part" / "test" / "scratch" / "001.png").write_bytes(b"not a png")
+
+
+@pytest.fixture(scope="module")
+def failing_sweep(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """A joblib sweep (2 parallel jobs) over a good category, one with a corrupt image, one missing."""
+    base = tmp_path_factory.mktemp("faults")
+    write_tiny_mvtec(base / "mvtec")
+    sweep = base / "sweep"
+    result = anomaly_train(
+        base,
+        "dataset=mvtec",
+        f"dataset.root={base / 'mvtec'}",
+        "dataset.category=good_part,corrupt_part,missing_part",
+        "dataset.image_size=64",
+        "dataset.crop_size=null",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={sweep}",
+    )
+    return result, sweep
+
+
+def test_failures_are_isolated_reported_and_fail_the_command(failing_sweep):
+    result, sweep = failing_sweep
+    assert result.returncode != 0
+    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
+    rows = {r["category"]: r for r in csv.DictReader((sweep / "results.csv").open())}
+    assert rows["good_part"]["status"] == "ok" and float(rows["good_part"]["image_auroc"]) > 0.5
+    assert rows["corrupt_part"]["status"] == "failed" and "001.png" in rows["corrupt_part"]["error"]
+    assert rows["missing_part"]["status"] == "failed" and "missing_part" in rows["missing_part"]["error"]
+    assert (sweep / "1_padim_corrupt_part" / "error.json").is_file()
+    assert "2 failed" in (sweep / "summary.md").read_text()
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores, split between the 2 parallel jobs
+    assert f"Torch CPU threads: {threads}" in (sweep / "0_padim_good_part" / "train.log").read_text()
+
+
+class _Report(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.cells: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.images.append(dict(attrs)["src"] or "")
+
+    def handle_data(self, data: str) -> None:
+        self.cells.append(data)
+
+
+def test_html_report_lists_runs_and_its_images_exist(failing_sweep):
+    _, sweep = failing_sweep
+    report = _Report()
+    report.feed((sweep / "report.html").read_text())
+    text = " ".join(report.cells)
+    assert all(category in text for category in ("good_part", "corrupt_part", "missing_part"))
+    assert "failed: anomaly.data.samples.DataError" in text
+    assert len(report.images) >= 5  # the metric plots and the good run's heatmaps
+    assert all((sweep / unquote(src)).is_file() for src in report.images)
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="chromium is not installed")
+def test_html_report_renders_in_a_browser(failing_sweep, tmp_path):
+    _, sweep = failing_sweep
+    screenshot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={screenshot}",
+            "--window-size=1200,900",
+            (sweep / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=float)
+    assert pixels.std() > 10, "the screenshot is blank"
+    assert (pixels < 128).mean() > 0.005, "no text or images were drawn"
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
+    sweep = tmp_path / "search"
+    result = anomaly_train(
+        tmp_path,
+        "hparams_search=padim_optuna",
+        "hydra.sweeper.n_trials=2",
+        *TINY_SYNTHETIC,
+        f"dataset.root={tmp_path / 'search_data'}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert 0.0 <= best["best_value"] <= 1.0 and set(best["best_params"]) == {
+        "method.model.n_features",
+        "method.model.covariance_epsilon",
+        "method.model.blur_sigma",
+    }
+    rows = list(csv.DictReader((sweep / "results.csv").open()))
+    assert len(rows) == 2 and rows[0]["variant"] != rows[1]["variant"]
+    assert all(r["status"] == "ok" and r["dataset"] == "synthetic" for r in rows)
+    assert "Optuna best pixel_aupro" in (sweep / "summary.md").read_text()
+    generated = json.loads(next((tmp_path / "search_data").glob("*/.complete")).read_text())
+    assert generated["seed"] == 1  # tuned on its own generated images, not the benchmark's
