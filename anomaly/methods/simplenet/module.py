@@ -1,0 +1,43 @@
+"""Lightning glue for SimpleNet: the official code's two optimisers, built from plain config values."""
+
+import torch
+
+from anomaly.methods.lightning import TrainedModule
+from anomaly.methods.simplenet.model import SimpleNet
+
+
+class SimpleNetModule(TrainedModule):
+    """Trains the adaptor with AdamW and the discriminator with Adam, both stepped once per batch.
+
+    Official values: adaptor AdamW at lr 1e-4 (its ``lr * .1`` with lr = 1e-3) and torch's default
+    weight decay 0.01; discriminator Adam at lr 2e-4, weight decay 1e-5; no schedule (``cos_lr`` is off
+    in the official run script).
+    """
+
+    def __init__(
+        self,
+        model: SimpleNet,
+        adaptor_lr: float = 1e-4,
+        adaptor_weight_decay: float = 0.01,
+        discriminator_lr: float = 2e-4,
+        discriminator_weight_decay: float = 1e-5,
+        num_examples: int = 8,
+        threshold_quantile: float = 0.99,
+    ) -> None:
+        super().__init__(model, num_examples, threshold_quantile)
+        self.adaptor_lr = adaptor_lr
+        self.adaptor_weight_decay = adaptor_weight_decay
+        self.discriminator_lr = discriminator_lr
+        self.discriminator_weight_decay = discriminator_weight_decay
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.AdamW(
+                self.model.adaptor.parameters(), lr=self.adaptor_lr, weight_decay=self.adaptor_weight_decay
+            ),
+            torch.optim.Adam(
+                self.model.discriminator.parameters(),
+                lr=self.discriminator_lr,
+                weight_decay=self.discriminator_weight_decay,
+            ),
+        ]
