@@ -143,7 +143,7 @@ class PatchCore(FitOnceModel):
         factor lies in [0, 1]; it is large when m* is far from the bank's dense regions. Computed as
         ``1 - exp(d* - logsumexp(d))`` so that large distances do not overflow.
         """
-        rows = torch.arange(len(features), device=features.device)
+        rows = torch.arange(features.shape[0], device=features.device)  # shape, not len(): traceable
         worst = patch_scores.argmax(dim=1)  # [B], m_test*
         test_patch = features[rows, worst]  # [B, D]
         anchor = self.memory_bank[nearest[rows, worst]]  # [B, D], m*
