@@ -11,7 +11,8 @@ def test_threshold_is_the_quantile_of_normal_scores_and_normalisation_maps_it_to
     calibration = fit_calibration(scores, 0.99)
     assert calibration.threshold == pytest.approx(torch.quantile(scores.double(), 0.99).item())
     assert calibration.normal_median == pytest.approx(50.5)
-    assert calibration.normalise(torch.tensor([50.5, calibration.threshold])).tolist() == pytest.approx([0, 1])
+    normalised = calibration.normalise(torch.tensor([50.5, calibration.threshold]))
+    assert normalised.tolist() == pytest.approx([0, 1])
     with pytest.raises(ValueError, match="val_fraction"):
         fit_calibration(torch.tensor([1.0]), 0.99)
 

@@ -131,7 +131,7 @@ class TrainedModule(AnomalyModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        losses = self.model.training_loss(batch["image"])
+        losses = self.training_losses(batch)
         for optimizer in optimizers:
             optimizer.zero_grad()
         self.manual_backward(losses["loss"])
@@ -142,3 +142,7 @@ class TrainedModule(AnomalyModule):
             scheduler.step()
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True)
         return losses["loss"]
+
+    def training_losses(self, batch: dict) -> dict[str, Tensor]:
+        """The losses of one batch; a method whose loss needs more than the batch's images overrides this."""
+        return self.model.training_loss(batch["image"])

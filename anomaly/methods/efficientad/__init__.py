@@ -1,0 +1,1 @@
+"""EfficientAD (Batzner et al., WACV 2024)."""

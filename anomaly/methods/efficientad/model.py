@@ -1,0 +1,299 @@
+"""EfficientAD (Batzner et al., WACV 2024), following the reference code (nelson1425/EfficientAD).
+
+A frozen patch description network (PDN) teacher, distilled beforehand from a pretrained backbone, gives
+384-d features for every 33×33 patch. A student PDN with twice the channels learns to predict them on
+normal images (its first half, trained only on the hardest 0.1 % of the squared differences) and to
+predict an autoencoder's reconstruction of them (its second half). At test time the structural map is
+the student-teacher difference, the logical map the student-autoencoder difference; each is mapped by
+its 0.9 and 0.995 quantiles on held-out normal images to 0 and 0.1, and the map is their mean.
+
+Everything is one ``nn.Module``; every statistic (teacher channel mean/std, map quantiles) is a buffer
+set through an explicit method, so ``state_dict()`` is the whole fitted model.
+"""
+
+import itertools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.transforms import v2
+
+from anomaly.methods.base import AnomalyOutput, register_fitted_buffer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MODEL_SIZES = ("small", "medium")
+MAP_PAD = 4  # the reference pads the PDN-grid map by 4 cells before upsampling (56 + 8 = 64 at 256 px)
+TEACHER_HELP = (
+    "EfficientAD needs a distilled PDN teacher (it is never trained from a random one). Either pass "
+    "method.model.teacher_weights=<file> with published EfficientAD weights (teacher_small.pth / "
+    "teacher_medium.pth of nelson1425/EfficientAD, matching method.model.model_size), or distil one "
+    "offline from a pretrained backbone: anomaly-distill-teacher image_dir=<folder of generic images> "
+    "model_size=<small|medium> (it writes outputs/teachers/teacher_<size>_<backbone>.pth)."
+)
+
+
+def patch_description_network(out_channels: int, model_size: str, padding: bool = False) -> nn.Sequential:
+    """PDN of EfficientAD-S or -M: ``[B, 3, H, W]`` → ``[B, out_channels, h, w]`` (h = 56 at H = 256).
+
+    Its receptive field is 33 px. A ``Sequential`` whose indices match the published teacher files'
+    keys (``0.weight``, ``3.weight``, ...). ``padding=True`` (distillation only, as the reference) keeps
+    a larger output grid (64 at 256 px); it changes no parameter, so weights move between the two.
+    """
+    pad = 1 if padding else 0
+    if model_size == "small":
+        return nn.Sequential(
+            nn.Conv2d(3, 128, kernel_size=4, padding=3 * pad),
+            nn.ReLU(inplace=True),
+            nn.AvgPool2d(kernel_size=2, stride=2, padding=pad),
+            nn.Conv2d(128, 256, kernel_size=4, padding=3 * pad),
+            nn.ReLU(inplace=True),
+            nn.AvgPool2d(kernel_size=2, stride=2, padding=pad),
+            nn.Conv2d(256, 256, kernel_size=3, padding=pad),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, out_channels, kernel_size=4),
+        )
+    if model_size == "medium":
+        return nn.Sequential(
+            nn.Conv2d(3, 256, kernel_size=4, padding=3 * pad),
+            nn.ReLU(inplace=True),
+            nn.AvgPool2d(kernel_size=2, stride=2, padding=pad),
+            nn.Conv2d(256, 512, kernel_size=4, padding=3 * pad),
+            nn.ReLU(inplace=True),
+            nn.AvgPool2d(kernel_size=2, stride=2, padding=pad),
+            nn.Conv2d(512, 512, kernel_size=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(512, 512, kernel_size=3, padding=pad),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(512, out_channels, kernel_size=4),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, kernel_size=1),
+        )
+    raise ValueError(f"model_size must be one of {MODEL_SIZES}, got {model_size!r}")
+
+
+class AutoEncoder(nn.Module):
+    """The reference autoencoder: six stride-2 convolutions and an 8×8 one down to a 64-d code, then
+    bilinear upsampling + 4×4 convolutions back to the teacher's ``[B, out_channels, h, w]`` grid.
+
+    The decoder's intermediate sizes are derived from the input size as anomalib does; at 256 px they
+    are the reference's 3, 8, 15, 32, 63, 127. Below 256 px the encoder's last map is smaller than the
+    8×8 kernel and is zero-padded to it (equivalent to using the kernel's centre); at 256 px and above
+    nothing changes.
+    """
+
+    def __init__(self, out_channels: int) -> None:
+        super().__init__()
+        channels = [3, 32, 32, 64, 64, 64]  # five stride-2 convolutions: 256 px → 8×8
+        self.encoder = nn.Sequential()
+        for c_in, c_out in itertools.pairwise(channels):
+            self.encoder.extend([nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1), nn.ReLU()])
+        self.bottleneck = nn.Conv2d(64, 64, kernel_size=8)
+        self.up_convs = nn.ModuleList(nn.Conv2d(64, 64, kernel_size=4, padding=2) for _ in range(6))
+        self.head = nn.Sequential(
+            nn.Conv2d(64, 64, kernel_size=3, padding=1), nn.ReLU(), nn.Conv2d(64, out_channels, 3, padding=1)
+        )
+
+    def forward(self, images: Tensor, output_size: tuple[int, int]) -> Tensor:
+        """``images [B, 3, H, W]`` (normalised) → ``[B, out_channels, *output_size]``."""
+        x = self.encoder(images)
+        short = [max(0, 8 - side) for side in x.shape[-2:]]
+        if any(short):
+            x = F.pad(x, (short[1] // 2, short[1] - short[1] // 2, short[0] // 2, short[0] - short[0] // 2))
+        x = self.bottleneck(x)
+        for size, conv in zip(_decoder_sizes(images.shape[-2:]), self.up_convs, strict=True):
+            x = F.relu(conv(F.interpolate(x, size=size, mode="bilinear")))
+        return self.head(F.interpolate(x, size=output_size, mode="bilinear"))
+
+
+def _decoder_sizes(image_size: torch.Size) -> list[tuple[int, int]]:
+    """Upsampling sizes of the six decoder stages (3, 8, 15, 32, 63, 127 per side at 256 px)."""
+    steps = [(64, -1), (32, 0), (16, -1), (8, 0), (4, -1), (2, -1)]
+    return [tuple(max(1, side // div + add) for side in image_size) for div, add in steps]
+
+
+class EfficientAD(nn.Module):
+    """Teacher, student and autoencoder; ``forward`` gives the anomaly map and score of ``[0, 1]`` images.
+
+    Args:
+        teacher_weights: a PDN state dict file (published EfficientAD teacher or ``anomaly-distill-teacher``
+            output) for ``model_size``; required for training (see ``TEACHER_HELP``), read by
+            :meth:`load_teacher_weights`.
+        model_size: ``"small"`` (EfficientAD-S) or ``"medium"`` (EfficientAD-M).
+        out_channels: teacher (and autoencoder) channels; the student has twice as many (paper: 384).
+        hard_quantile: the student-teacher loss averages the squared differences at or above this
+            quantile (paper: 0.999).
+        quantile_low, quantile_high: map quantiles on normal images mapped to 0 and 0.1 (paper: 0.9, 0.995).
+    """
+
+    def __init__(
+        self,
+        teacher_weights: str | None = None,
+        model_size: str = "small",
+        out_channels: int = 384,
+        hard_quantile: float = 0.999,
+        quantile_low: float = 0.9,
+        quantile_high: float = 0.995,
+    ) -> None:
+        super().__init__()
+        self.teacher_weights = teacher_weights
+        self.model_size = model_size
+        self.out_channels = out_channels
+        self.hard_quantile = hard_quantile
+        self.quantile_low = quantile_low
+        self.quantile_high = quantile_high
+        self.teacher = patch_description_network(out_channels, model_size).requires_grad_(False)
+        self.teacher_loaded = False  # set by load_teacher_weights(); a saved model carries its teacher
+        self.student = patch_description_network(2 * out_channels, model_size)
+        self.autoencoder = AutoEncoder(out_channels)
+        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        register_fitted_buffer(self, "teacher_mean")  # [1, C, 1, 1]
+        register_fitted_buffer(self, "teacher_std")  # [1, C, 1, 1]
+        register_fitted_buffer(self, "quantiles_st")  # [2]: (q_a, q_b) of the student-teacher map
+        register_fitted_buffer(self, "quantiles_ae")  # [2]: (q_a, q_b) of the student-autoencoder map
+        # the paper's AE augmentation: one of brightness, contrast, saturation jitter (0.2), chosen per image
+        self.ae_augment = v2.RandomChoice(
+            [v2.ColorJitter(brightness=0.2), v2.ColorJitter(contrast=0.2), v2.ColorJitter(saturation=0.2)]
+        )
+
+    def load_teacher_weights(self) -> None:
+        """Loads ``teacher_weights`` into the teacher; needed to train, not to reload a trained model.
+
+        Kept out of ``__init__`` so that a saved model (whose file holds the teacher) rebuilds on a machine
+        without the teacher file.
+        """
+        if not self.teacher_weights:
+            raise ValueError(TEACHER_HELP)
+        load_teacher(self.teacher, Path(self.teacher_weights), self.model_size)
+        self.teacher_loaded = True
+
+    def set_teacher_normalisation(self, mean: Tensor, std: Tensor) -> None:
+        """Per-channel mean and std ``[C]`` of the teacher's outputs on the training images."""
+        if not self.teacher_loaded:
+            raise RuntimeError("load_teacher_weights() must come first: never train on a random teacher")
+        self.teacher_mean = mean.reshape(1, -1, 1, 1).to(self.image_mean)
+        self.teacher_std = std.reshape(1, -1, 1, 1).to(self.image_mean)
+
+    def map_quantiles(self, maps: Tensor) -> Tensor:
+        """``[2]``: the (q_a, q_b) quantiles of raw maps ``[N, 1, h, w]`` (from :meth:`raw_maps`)."""
+        return torch.stack([quantile(maps, self.quantile_low), quantile(maps, self.quantile_high)])
+
+    def set_map_quantiles(self, quantiles_st: Tensor, quantiles_ae: Tensor) -> None:
+        """Sets the ``[2]`` (q_a, q_b) of the ST and AE maps, taken on held-out *normal* images only."""
+        for name, (low, high) in (("student-teacher", quantiles_st), ("autoencoder", quantiles_ae)):
+            if not high > low:
+                raise ValueError(
+                    f"The {name} map quantiles ({float(low):.4g}, {float(high):.4g}) do not increase: the "
+                    "validation maps are (nearly) constant, so scores would not be defined. Train longer "
+                    "(method.max_steps) or hold out more normal images (dataset.val_fraction)."
+                )
+        self.quantiles_st = quantiles_st.reshape(2).to(self.image_mean)
+        self.quantiles_ae = quantiles_ae.reshape(2).to(self.image_mean)
+
+    @property
+    def has_teacher_normalisation(self) -> bool:
+        return self.teacher_mean.numel() > 0
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.has_teacher_normalisation and self.quantiles_st.numel() > 0
+
+    def normalise_images(self, images: Tensor) -> Tensor:
+        """``[0, 1]`` images → ImageNet-normalised, the teacher's input convention."""
+        return (images - self.image_mean) / self.image_std
+
+    @torch.no_grad()
+    def teacher_features(self, images: Tensor) -> Tensor:
+        """Raw (unnormalised) teacher output ``[B, C, h, w]`` of ``[0, 1]`` images."""
+        return self.teacher(self.normalise_images(images))
+
+    def _teacher_normalised(self, normalised_images: Tensor) -> Tensor:
+        with torch.no_grad():
+            return (self.teacher(normalised_images) - self.teacher_mean) / self.teacher_std
+
+    def training_loss(self, images: Tensor, penalty_images: Tensor | None = None) -> dict[str, Tensor]:
+        """The paper's loss on a batch of normal ``[0, 1]`` images ``[B, 3, H, W]``.
+
+        ``penalty_images`` (generic images, e.g. ImageNet, same size) add the penalty that keeps the
+        student from imitating the teacher outside the normal data.
+        """
+        if not self.has_teacher_normalisation:
+            raise RuntimeError("set_teacher_normalisation() must be called before training EfficientAD")
+        c = self.out_channels
+        x_st = self.normalise_images(images)
+        distance_st = (self._teacher_normalised(x_st) - self.student(x_st)[:, :c]) ** 2
+        hard = quantile(distance_st.detach(), self.hard_quantile)  # over the whole batch, as the reference
+        losses = {"loss_st": distance_st[distance_st >= hard].mean()}
+        if penalty_images is not None:
+            losses["loss_penalty"] = (self.student(self.normalise_images(penalty_images))[:, :c] ** 2).mean()
+
+        x_ae = self.normalise_images(torch.stack([self.ae_augment(image) for image in images]))
+        teacher_ae = self._teacher_normalised(x_ae)
+        ae_output = self.autoencoder(x_ae, teacher_ae.shape[-2:])
+        losses["loss_ae"] = ((teacher_ae - ae_output) ** 2).mean()
+        losses["loss_stae"] = ((ae_output - self.student(x_ae)[:, c:]) ** 2).mean()
+        return {"loss": sum(losses.values()), **losses}
+
+    @torch.no_grad()
+    def raw_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Unnormalised student-teacher and student-autoencoder maps ``[B, 1, h, w]`` on the PDN grid."""
+        if not self.has_teacher_normalisation:
+            raise RuntimeError("EfficientAD has no teacher normalisation: train it or load a trained model")
+        c = self.out_channels
+        x = self.normalise_images(images)
+        teacher = self._teacher_normalised(x)
+        student = self.student(x)
+        ae_output = self.autoencoder(x, teacher.shape[-2:])
+        map_st = ((teacher - student[:, :c]) ** 2).mean(dim=1, keepdim=True)
+        map_ae = ((ae_output - student[:, c:]) ** 2).mean(dim=1, keepdim=True)
+        return map_st, map_ae
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> AnomalyOutput:
+        """``[B, 3, H, W]`` images in [0, 1] → map ``[B, 1, H, W]`` (0.5·ST + 0.5·AE) and score (its max)."""
+        if not self.is_fitted:
+            raise RuntimeError("EfficientAD is not fitted: train it (anomaly-train) or load a trained model")
+        map_st, map_ae = self.raw_maps(images)
+        map_st = 0.1 * (map_st - self.quantiles_st[0]) / (self.quantiles_st[1] - self.quantiles_st[0])
+        map_ae = 0.1 * (map_ae - self.quantiles_ae[0]) / (self.quantiles_ae[1] - self.quantiles_ae[0])
+        combined = F.pad(0.5 * map_st + 0.5 * map_ae, (MAP_PAD,) * 4)
+        anomaly_map = F.interpolate(combined, size=images.shape[-2:], mode="bilinear")
+        return AnomalyOutput(anomaly_map, anomaly_map.amax(dim=(1, 2, 3)))
+
+
+def quantile(values: Tensor, q: float) -> Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation) in O(N), without its 2^24-element limit."""
+    flat = values.flatten()
+    position = q * (flat.numel() - 1)
+    index = int(position)
+    low = flat.kthvalue(index + 1).values
+    high = flat.kthvalue(min(index + 2, flat.numel())).values
+    return low + (high - low) * (position - index)
+
+
+def load_teacher(teacher: nn.Sequential, path: Path, model_size: str) -> None:
+    """Loads a PDN state dict (keys ``0.weight``, ``0.bias``, ...) with errors that name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Teacher weights {path} do not exist. {TEACHER_HELP}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle/zip errors differ by torch version; all mean "not this format"
+        raise ValueError(
+            f"Cannot read teacher weights {path} as a torch state dict of tensors: {error}"
+        ) from error
+    expected = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
+    out_channels = teacher[-1].out_channels
+    found = (
+        {k: tuple(v.shape) for k, v in state.items() if isinstance(v, Tensor)}
+        if isinstance(state, dict)
+        else {}
+    )
+    if found != expected:
+        raise ValueError(
+            f"Teacher weights {path} do not fit the {model_size} PDN (model_size={model_size!r}). "
+            f"Expected {expected}; the file has {found or type(state).__name__}. Use a teacher distilled "
+            f"for model_size={model_size!r} with out_channels={out_channels}."
+        )
+    teacher.load_state_dict(state)
