@@ -10,17 +10,27 @@ Runs the same composed config as ``anomaly-train`` (any Hydra override works) an
 * ``end_to_end``: ``anomaly-train``'s own fit + test seconds (imports and process start excluded, as
   in anomalib's figures), from a separate full run with the logger off.
 
-Peak RSS is this process's. ``--compare-peer`` also runs anomalib through ``../shared/peer`` on the
-same data and prints the ratios. Example::
+Trained methods (SimpleNet, EfficientAD) have no collect/fit stages; for them the table gives instead:
+
+* ``train_step_ms``: median time of one optimiser step (data loading excluded) over ``--train-steps``
+  Lightning steps after ``--warmup`` untimed ones, at the configured batch size;
+* ``latency_ms``: median forward time of one test image (batch 1), after ``--warmup`` untimed ones;
+* ``throughput_ips``: test images per second at the configured batch size.
+
+Peak RSS is this process's (GPU peak memory too, when on CUDA). ``--compare-peer`` also runs anomalib
+through ``../shared/peer`` on the same data and prints the ratios. Example::
 
     python scripts/benchmark_stages.py --json bench.json -- dataset=mvtec \\
         dataset.root=../shared/data/mvtec_ad dataset.category=bottle dataset.image_size=[256,256] \\
         dataset.crop_size=null method=padim
+    python scripts/benchmark_stages.py --skip-end-to-end -- method=efficientad \\
+        method.model.teacher_weights=outputs/teachers/teacher_small_efficientnet_lite0.pth
 """
 
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -28,12 +38,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import open_dict
 
+from anomaly.methods.base import FitOnceModel
 from anomaly.metrics import Evaluator
 from anomaly.train import CONFIG_DIR, train
 
@@ -103,17 +115,99 @@ def time_stages(cfg) -> dict[str, float]:
     }
 
 
+class StepTimer(pl.Callback):
+    """Seconds of each training step, from batch start to batch end (the data loader's time excluded)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        synchronize()
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        synchronize()
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_ms(seconds: list[float]) -> float:
+    return round(1000 * statistics.median(seconds), 2)
+
+
+def time_trained_stages(cfg, train_steps: int, warmup: int) -> dict[str, float]:
+    """Training step time, then batch-1 latency and batched throughput of the briefly trained model."""
+    pl.seed_everything(cfg.seed)
+    datamodule = instantiate(cfg.dataset)
+    model = instantiate(cfg.method.model)
+    module = instantiate(cfg.method.module, model=model)
+    timer, steps = StepTimer(), warmup + train_steps
+    trainer = instantiate(
+        cfg.trainer, max_steps=steps, max_epochs=-1, check_val_every_n_epoch=None, val_check_interval=steps,
+        logger=False, callbacks=[timer], enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)  # validates after the last step: EfficientAD's quantiles
+    if len(timer.seconds) < steps:
+        raise ValueError(f"Only {len(timer.seconds)} training steps ran; {steps} were asked for.")
+    device = next(model.parameters()).device
+    model.eval()
+    test_images = torch.cat([batch["image"] for batch in datamodule.test_dataloader()])
+    latencies, throughput_seconds = [], []
+    with torch.inference_mode():
+        for index in range(min(len(test_images), warmup + 50)):
+            synchronize()
+            start = time.perf_counter()
+            model(test_images[index : index + 1].to(device))
+            synchronize()
+            latencies.append(time.perf_counter() - start)
+        for batch in test_images.split(datamodule.batch_size):
+            synchronize()
+            start = time.perf_counter()
+            model(batch.to(device))
+            synchronize()
+            throughput_seconds.append(time.perf_counter() - start)
+    return {
+        "batch_size": datamodule.batch_size,
+        "train_step_ms": median_ms(timer.seconds[warmup:]),
+        "latency_ms": median_ms(latencies[warmup:]),
+        "throughput_ips": round(len(test_images) / sum(throughput_seconds), 1),
+        "n_train": len(datamodule.train_samples),
+        "n_test": len(test_images),
+    }
+
+
 def run_peer(args: argparse.Namespace, cfg) -> dict:
     """anomalib on the same data, backbone, size and layers, through the shared peer runner."""
     layers = list(cfg.backbone.layers)
     command = [
         args.peer_python, str(Path(args.peer_dir) / "run_anomalib.py"),
-        "--data-root", str(cfg.dataset.root), "--category", str(cfg.dataset.category),
+        "--data-root", args.peer_data_root or str(cfg.dataset.root), "--category", str(cfg.dataset.category),
         "--model", cfg.method.name, "--backbone", "tf_efficientnet_lite0", "--layers", *layers,
         "--image-size", str(args.peer_image_size), "--threads", str(torch.get_num_threads()),
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=args.peer_dir, capture_output=True, text=True, check=True)
+    result = subprocess.run(command, cwd=args.peer_dir, capture_output=True, text=True)
+    if result.returncode != 0:  # our figures still get printed and written; the peer's error is shown
+        print(result.stderr[-3000:], file=sys.stderr)
+        raise RuntimeError(f"anomalib's runner failed (exit {result.returncode}): {' '.join(command)}")
     return json.loads(result.stdout[result.stdout.index("{") :])
+
+
+def peer_figures(peer: dict, end_to_end_s: float | None) -> dict:
+    """The peer's time, memory and metrics, and our end-to-end time over its time."""
+    figures = {
+        "peer_fit_plus_test_s": round(peer["fit_s"] + peer["test_s"], 2),
+        "peer_peak_rss_mb": peer.get("peak_rss_mb"),
+        "peer_image_auroc": peer["image_AUROC"],
+        "peer_pixel_auroc": peer["pixel_AUROC"],
+        "peer_aupro": peer["AUPRO"],
+    }
+    if end_to_end_s is not None:
+        figures["ours_over_peer"] = round(end_to_end_s / figures["peer_fit_plus_test_s"], 3)
+    return figures
 
 
 def print_table(rows: dict[str, float | str]) -> None:
@@ -136,6 +230,11 @@ def main() -> None:
     parser.add_argument("--peer-dir", default="../shared/peer", help="folder with run_anomalib.py")
     parser.add_argument("--peer-python", default="python3", help="the Python of the peer's venv")
     parser.add_argument("--peer-image-size", type=int, default=256)
+    parser.add_argument(
+        "--peer-data-root", help="data root for anomalib if not ours (its loader reads only .png images)"
+    )
+    parser.add_argument("--train-steps", type=int, default=20, help="timed steps (trained methods)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps and images first")
     args = parser.parse_args()
 
     output_dir = Path("outputs/benchmarks") / time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -150,17 +249,20 @@ def main() -> None:
         metrics = train(compose_config(overrides, output_dir / "end_to_end"))
         figures["end_to_end_s"] = round(metrics["fit_seconds"] + metrics["test_seconds"], 2)
         figures.update({k: v for k, v in metrics.items() if not k.endswith("seconds")})
-    figures.update(time_stages(cfg))
-    if "end_to_end_s" in figures:
+    if issubclass(get_class(cfg.method.model._target_), FitOnceModel):
+        figures.update(time_stages(cfg))
+    else:
+        figures.update(time_trained_stages(cfg, args.train_steps, args.warmup))
+    figures.setdefault("peak_rss_mb", round(peak_rss_mb(), 1))  # the end-to-end run's, when it ran
+    if torch.cuda.is_available():
+        figures["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if "floor_s" in figures and "end_to_end_s" in figures:
         figures["end_to_end_over_floor"] = round(figures["end_to_end_s"] / figures["floor_s"], 2)
     if args.compare_peer:
-        peer = run_peer(args, cfg)
-        figures["peer_fit_plus_test_s"] = round(peer["fit_s"] + peer["test_s"], 2)
-        figures["peer_peak_rss_mb"] = peer.get("peak_rss_mb")
-        figures["peer_image_auroc"], figures["peer_pixel_auroc"] = peer["image_AUROC"], peer["pixel_AUROC"]
-        figures["peer_aupro"] = peer["AUPRO"]
-        if "end_to_end_s" in figures:
-            figures["ours_over_peer"] = round(figures["end_to_end_s"] / figures["peer_fit_plus_test_s"], 3)
+        try:
+            figures.update(peer_figures(run_peer(args, cfg), figures.get("end_to_end_s")))
+        except RuntimeError as error:  # our figures are still printed and written
+            figures["peer_error"] = str(error)
     print(f"\n{cfg.method.name} | {cfg.backbone.name} | {cfg.dataset.get('category')} (seconds, MB)")
     print_table(figures)
     if args.json:
