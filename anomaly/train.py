@@ -131,6 +131,8 @@ def record_failure(output_dir: Path, error: BaseException) -> None:
     """Leaves error.json in the run dir, for the sweep summary (anomaly/benchmark.py)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     text = "".join(traceback.format_exception_only(type(error), error)).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the last line is the real error
+        text = text.splitlines()[-1].strip()
     (output_dir / "error.json").write_text(json.dumps({"error": text, "traceback": traceback.format_exc()}))
 
 

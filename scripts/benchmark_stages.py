@@ -116,18 +116,25 @@ def time_stages(cfg) -> dict[str, float]:
 
 
 class StepTimer(pl.Callback):
-    """Seconds of each training step, from batch start to batch end (the data loader's time excluded)."""
+    """Seconds of each training step, from batch start to batch end (the data loader's time excluded).
 
-    def __init__(self) -> None:
+    Stops training after ``steps`` batches: Lightning's ``max_steps`` counts optimiser steps, two per
+    batch for SimpleNet.
+    """
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
         self.seconds: list[float] = []
 
     def on_train_batch_start(self, *args) -> None:
         synchronize()
         self.start = time.perf_counter()
 
-    def on_train_batch_end(self, *args) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
         synchronize()
         self.seconds.append(time.perf_counter() - self.start)
+        if len(self.seconds) >= self.steps:
+            trainer.should_stop = True
 
 
 def synchronize() -> None:
@@ -145,9 +152,10 @@ def time_trained_stages(cfg, train_steps: int, warmup: int) -> dict[str, float]:
     datamodule = instantiate(cfg.dataset)
     model = instantiate(cfg.method.model)
     module = instantiate(cfg.method.module, model=model)
-    timer, steps = StepTimer(), warmup + train_steps
+    steps = warmup + train_steps
+    timer = StepTimer(steps)
     trainer = instantiate(
-        cfg.trainer, max_steps=steps, max_epochs=-1, check_val_every_n_epoch=None, val_check_interval=steps,
+        cfg.trainer, max_steps=-1, max_epochs=-1, check_val_every_n_epoch=None, val_check_interval=steps,
         logger=False, callbacks=[timer], enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)  # validates after the last step: EfficientAD's quantiles

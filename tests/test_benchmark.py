@@ -383,6 +383,8 @@ def test_failures_are_isolated_reported_and_fail_the_command(failing_sweep):
     rows = {r["category"]: r for r in csv.DictReader((sweep / "results.csv").open())}
     assert rows["good_part"]["status"] == "ok" and float(rows["good_part"]["image_auroc"]) > 0.5
     assert rows["corrupt_part"]["status"] == "failed" and "001.png" in rows["corrupt_part"]["error"]
+    # read in a DataLoader worker: the record is the real error (file and fix), not the worker's wrapper
+    assert rows["corrupt_part"]["error"].startswith("anomaly.data.samples.DataError: Cannot read image")
     assert rows["missing_part"]["status"] == "failed" and "missing_part" in rows["missing_part"]["error"]
     assert (sweep / "1_padim_corrupt_part" / "error.json").is_file()
     assert "2 failed" in (sweep / "summary.md").read_text()
