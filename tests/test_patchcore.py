@@ -248,3 +248,15 @@ def test_reweighting_scales_scores_by_a_factor_in_unit_interval(model: PatchCore
     assert (weighted >= 0).all()
     assert (weighted <= plain * 1.0).all()
     torch.testing.assert_close(reweighted(images).anomaly_map, model(images).anomaly_map)
+
+
+def test_null_dims_give_the_neighbourhood_mean_of_each_layer_concatenated() -> None:
+    """pre/target_embed_dim=None: per-channel 3x3 means (zero padded), upsampled and concatenated."""
+    torch.manual_seed(0)
+    fine, coarse = torch.randn(2, 5, 8, 8), torch.randn(2, 7, 4, 4)
+    features = aggregate_patch_features([fine, coarse], 3, pre_embed_dim=None, target_embed_dim=None)
+    means = [F.avg_pool2d(x, 3, stride=1, padding=1) for x in (fine, coarse)]
+    means[1] = F.interpolate(means[1], size=(8, 8), mode="bilinear", align_corners=False)
+    expected = torch.cat(means, dim=1).permute(0, 2, 3, 1)  # [B, h, w, 5 + 7]
+    assert features.shape == (2, 8, 8, 12)
+    assert torch.allclose(features, expected, atol=1e-6)

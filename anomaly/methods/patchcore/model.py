@@ -23,8 +23,10 @@ class PatchCore(FitOnceModel):
     Args:
         backbone: frozen feature extractor; ``forward(images) -> {layer: [B, C, h, w]}`` in the order of
             ``backbone.layers``, the first layer being the finest (its grid is the patch grid).
-        pre_embed_dim: each layer's flattened ``C·p·p`` patch is average-pooled to this length.
-        target_embed_dim: the concatenated layers are average-pooled to this length (the bank's D).
+        pre_embed_dim: each layer's flattened ``C·p·p`` patch is average-pooled to this length;
+            ``None``: to the layer's ``C`` (the plain p×p neighbourhood mean; ``aggregate_patch_features``).
+        target_embed_dim: the concatenated layers are average-pooled to this length (the bank's D);
+            ``None``: kept concatenated.
         patch_size: side p of the neighbourhood aggregated around each position (odd).
         coreset_ratio: fraction of training patches kept in the bank (1 keeps all).
         projection_dim, num_starting_points, coreset_dtype, seed: see :class:`ApproximateGreedyCoreset`.
@@ -38,8 +40,8 @@ class PatchCore(FitOnceModel):
     def __init__(
         self,
         backbone: nn.Module,
-        pre_embed_dim: int = 1024,
-        target_embed_dim: int = 1024,
+        pre_embed_dim: int | None = 1024,
+        target_embed_dim: int | None = 1024,
         patch_size: int = 3,
         coreset_ratio: float = 0.1,
         projection_dim: int = 128,
@@ -178,14 +180,18 @@ def adaptive_mean(vectors: Tensor, length: int) -> Tensor:
 
 
 def aggregate_patch_features(
-    feature_maps: list[Tensor], patch_size: int, pre_embed_dim: int, target_embed_dim: int
+    feature_maps: list[Tensor], patch_size: int, pre_embed_dim: int | None, target_embed_dim: int | None
 ) -> Tensor:
-    """``[B, h, w, target_embed_dim]`` patch features from layer maps ``[B, C_i, h_i, w_i]``.
+    """``[B, h, w, D]`` patch features from layer maps ``[B, C_i, h_i, w_i]``.
 
     Each layer is unfolded into p×p neighbourhoods; deeper layers' patch grids are upsampled
     (bilinear) to the first layer's ``h×w`` grid, as the official code does on the patch tensors; each
-    flattened patch is pooled to ``pre_embed_dim`` and the layers' results, concatenated in layer order,
-    to ``target_embed_dim``.
+    flattened patch (channel-major, ``C_i·p·p`` long) is pooled to ``pre_embed_dim`` and the layers'
+    results, concatenated in layer order, to ``target_embed_dim`` = D.
+
+    ``pre_embed_dim=None`` pools each layer's patch to its own ``C_i``: exactly the per-channel mean over
+    the p×p neighbourhood, the paper's aggregation f_agg without any mixing of channels or positions.
+    ``target_embed_dim=None`` concatenates the layers (D = sum of the pooled sizes).
     """
     batch, _, height, width = feature_maps[0].shape
     pooled = []
@@ -194,6 +200,8 @@ def aggregate_patch_features(
         if patches.shape[-2:] != (height, width):
             patches = F.interpolate(patches, size=(height, width), mode="bilinear", align_corners=False)
         patches = patches.permute(0, 2, 3, 1).reshape(batch * height * width, -1)  # [B·h·w, C·p·p]
-        pooled.append(adaptive_mean(patches, pre_embed_dim))
-    stacked = torch.cat(pooled, dim=1)  # [B·h·w, layers·pre_embed_dim]
-    return adaptive_mean(stacked, target_embed_dim).reshape(batch, height, width, target_embed_dim)
+        pooled.append(adaptive_mean(patches, pre_embed_dim or feature_map.shape[1]))
+    stacked = torch.cat(pooled, dim=1)  # [B·h·w, sum of pooled sizes]
+    if target_embed_dim is not None:
+        stacked = adaptive_mean(stacked, target_embed_dim)
+    return stacked.reshape(batch, height, width, -1)
