@@ -4,12 +4,30 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from torch import Tensor, nn
 
 from anomaly.train import CONFIG_DIR, train
+
+IMAGE_SIZE = 64  # side of the synthetic test images below
+SQUARE = (slice(20, 40), slice(24, 44))  # rows, columns of the pasted defect
+
+
+def smooth_images(count: int, seed: int) -> Tensor:
+    """``[count, 3, 64, 64]`` smooth noise in [0.3, 0.7]: the "normal" texture of the method tests."""
+    coarse = torch.rand(count, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    smooth = F.interpolate(coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    return 0.3 + 0.4 * smooth
+
+
+def with_square(images: Tensor) -> Tensor:
+    """``images`` with a bright square pasted at ``SQUARE``: a defect the models never saw."""
+    defective = images.clone()
+    defective[:, :, SQUARE[0], SQUARE[1]] = 1.0
+    return defective
 
 
 class TinyBackbone(nn.Module):

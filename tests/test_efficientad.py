@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from conftest import run_training
+from conftest import SQUARE, run_training, smooth_images, with_square
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
@@ -112,17 +111,10 @@ def test_loss_decreases_on_a_tiny_case(teachers):
     assert sum(h["loss"] for h in history[-3:]) / 3 < history[0]["loss"], history
 
 
-def smooth_images(count: int, seed: int) -> torch.Tensor:
-    """``[count, 3, SIZE, SIZE]`` smooth noise in [0.3, 0.7]: the "normal" texture."""
-    coarse = torch.rand(count, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
-    return 0.3 + 0.4 * F.interpolate(coarse, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-
-
 def test_corrupted_images_score_higher_than_training_images_after_short_training(teachers):
     torch.manual_seed(0)
     normal = smooth_images(8, seed=0)
-    defective = normal.clone()
-    defective[:, :, 20:40, 24:44] = 1.0  # a bright square: a region the student never saw
+    defective = with_square(normal)  # a bright square: a region the student never saw
     model = with_teacher(teachers["small"])
     model.set_teacher_normalisation(*teacher_channel_statistics(model, [normal]))
     optimizer = torch.optim.Adam([*model.student.parameters(), *model.autoencoder.parameters()], lr=1e-3)
@@ -136,7 +128,7 @@ def test_corrupted_images_score_higher_than_training_images_after_short_training
     normal_scores, defect_scores = model(normal).image_score, model(defective).image_score
     assert defect_scores.min() > normal_scores.max(), (normal_scores, defect_scores)
     maps = model(defective).anomaly_map
-    assert maps[:, :, 20:40, 24:44].mean() > maps[:, :, :, :16].mean()  # the map points at the square
+    assert maps[:, :, SQUARE[0], SQUARE[1]].mean() > maps[:, :, :, :16].mean()  # the map points at the square
 
 
 def small_data(tmp_path, **options) -> SyntheticAD:

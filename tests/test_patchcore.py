@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import IMAGE_SIZE, SQUARE, smooth_images, with_square
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -17,9 +18,6 @@ from anomaly.methods.patchcore import nearest_neighbors
 from anomaly.methods.patchcore.coreset import ApproximateGreedyCoreset, greedy_k_center, random_projection
 from anomaly.methods.patchcore.model import PatchCore, aggregate_patch_features
 from anomaly.methods.patchcore.nearest_neighbors import nearest_distances
-
-IMAGE_SIZE = 64
-SQUARE = (slice(20, 40), slice(24, 44))  # rows, columns of the pasted defect
 
 
 class TinyBackbone(nn.Module):
@@ -44,21 +42,6 @@ class TinyBackbone(nn.Module):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         first = self.stage1(images)
         return {"stage1": first, "stage2": self.stage2(first)}
-
-
-def smooth_images(count: int, seed: int) -> Tensor:
-    """``[count, 3, 64, 64]`` smooth noise in [0.3, 0.7]: the "normal" texture."""
-    generator = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(count, 3, 8, 8, generator=generator)
-    return 0.3 + 0.4 * F.interpolate(
-        coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
-    )
-
-
-def with_square(images: Tensor) -> Tensor:
-    defective = images.clone()
-    defective[:, :, SQUARE[0], SQUARE[1]] = 1.0
-    return defective
 
 
 def make_model(**kwargs) -> PatchCore:

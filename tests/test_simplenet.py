@@ -9,8 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import TinyBackbone, run_training
+from conftest import IMAGE_SIZE, SQUARE, TinyBackbone, run_training, smooth_images, with_square
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -20,24 +19,7 @@ from anomaly.methods.simplenet.module import SimpleNetModule
 from anomaly.metrics import Evaluator
 from anomaly.model_io import BACKBONE_PREFIX, load_model
 
-IMAGE_SIZE = 64
-SQUARE = (slice(20, 40), slice(24, 44))  # rows, columns of the pasted defect
 FAST = {"adaptor_lr": 1e-3, "discriminator_lr": 2e-3}  # 10x the official rates: a few steps suffice
-
-
-def smooth_images(count: int, seed: int) -> Tensor:
-    """``[count, 3, 64, 64]`` smooth noise in [0.3, 0.7]: the "normal" texture."""
-    generator = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(count, 3, 8, 8, generator=generator)
-    return 0.3 + 0.4 * F.interpolate(
-        coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
-    )
-
-
-def with_square(images: Tensor) -> Tensor:
-    defective = images.clone()
-    defective[:, :, SQUARE[0], SQUARE[1]] = 1.0
-    return defective
 
 
 def make_model(backbone: torch.nn.Module, seed: int = 0) -> SimpleNet:
