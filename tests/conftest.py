@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from torch import Tensor, nn
 
+from anomaly.metrics import Evaluator
 from anomaly.train import CONFIG_DIR, train
 
 IMAGE_SIZE = 64  # side of the synthetic test images below
@@ -80,3 +81,13 @@ def run_training(tmp_path: Path, overrides: list[str]) -> tuple[dict, Path]:
         cfg.paths.data_dir = str(tmp_path.parent / "shared-data")  # generated once per test session folder
         del cfg.hydra  # as in a real run, where the job config has no hydra node
     return train(cfg), output_dir
+
+
+@torch.no_grad()
+def score_test_set(model: nn.Module, data) -> dict[str, float]:
+    """Metrics of ``model`` on the test split of ``data`` (a set-up data module), like the test loop."""
+    evaluator = Evaluator()
+    for batch in data.test_dataloader():
+        out = model(batch["image"])
+        evaluator.update(out.image_score, batch["label"], out.anomaly_map, batch["mask"])
+    return evaluator.compute()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import SQUARE, run_training, smooth_images, with_square
+from conftest import SQUARE, run_training, score_test_set, smooth_images, with_square
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
@@ -26,7 +26,6 @@ from anomaly.methods.efficientad.model import (
     patch_description_network,
 )
 from anomaly.methods.efficientad.module import EfficientADModule, map_quantiles, teacher_channel_statistics
-from anomaly.metrics import Evaluator
 from anomaly.model_io import load_model
 from anomaly.train import CONFIG_DIR
 
@@ -275,8 +274,4 @@ def test_end_to_end_detects_generated_defects_and_reloads(distilled, tmp_path):
         n_test_defect=12, generated_size=128, image_size=SIZE, crop_size=None, batch_size=8, num_workers=0,
     )  # fmt: skip
     data.setup()
-    evaluator = Evaluator()
-    for batch in data.test_dataloader():
-        out = model(batch["image"])
-        evaluator.update(out.image_score, batch["label"], out.anomaly_map, batch["mask"])
-    assert evaluator.compute()["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-6)
+    assert score_test_set(model, data)["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-6)

@@ -9,14 +9,21 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import IMAGE_SIZE, SQUARE, TinyBackbone, run_training, smooth_images, with_square
+from conftest import (
+    IMAGE_SIZE,
+    SQUARE,
+    TinyBackbone,
+    run_training,
+    score_test_set,
+    smooth_images,
+    with_square,
+)
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from anomaly.data.synthetic import SyntheticAD
 from anomaly.methods.simplenet.model import SimpleNet
 from anomaly.methods.simplenet.module import SimpleNetModule
-from anomaly.metrics import Evaluator
 from anomaly.model_io import BACKBONE_PREFIX, load_model
 
 FAST = {"adaptor_lr": 1e-3, "discriminator_lr": 2e-3}  # 10x the official rates: a few steps suffice
@@ -165,10 +172,6 @@ def test_end_to_end_detects_generated_defects_logs_losses_and_reloads(tmp_path):
     assert len(losses) == epochs * len(data.train_dataloader()), logged  # one row per optimisation step
 
     model = load_model(output_dir / "model.safetensors").model
-    evaluator = Evaluator()
-    for batch in data.test_dataloader():
-        out = model(batch["image"])
-        evaluator.update(out.image_score, batch["label"], out.anomaly_map, batch["mask"])
-    reloaded = evaluator.compute()
+    reloaded = score_test_set(model, data)
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
         assert reloaded[key] == pytest.approx(metrics[key], abs=1e-6)

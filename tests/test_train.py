@@ -3,11 +3,10 @@
 import json
 
 import pytest
-import torch
 from conftest import run_training as run
+from conftest import score_test_set
 
 from anomaly.data.synthetic import SyntheticAD
-from anomaly.metrics import Evaluator
 from anomaly.model_io import load_model
 
 
@@ -28,12 +27,7 @@ def test_method_detects_generated_defects_and_reloads_identically(tmp_path, meth
         n_test_defect=12, generated_size=128, image_size=128, crop_size=None, batch_size=8, num_workers=0,
     )  # fmt: skip
     data.setup()
-    evaluator = Evaluator()
-    with torch.no_grad():
-        for batch in data.test_dataloader():
-            out = model(batch["image"])
-            evaluator.update(out.image_score, batch["label"], out.anomaly_map, batch["mask"])
-    reloaded = evaluator.compute()
+    reloaded = score_test_set(model, data)
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
         assert reloaded[key] == pytest.approx(metrics[key], abs=1e-6)
 
