@@ -3,6 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from anomaly.methods.padim import model as padim_model
 from anomaly.methods.padim.model import Padim
 
 
@@ -12,14 +13,16 @@ def smooth_images(count: int, seed: int, size: int = 32) -> torch.Tensor:
     return torch.nn.functional.interpolate(base, size=size, mode="bilinear") * 0.5 + 0.25
 
 
-def test_statistics_equal_direct_numpy_computation(tiny_backbone):
+@pytest.mark.parametrize("float32_run", [1024, 2])  # 2: float32 sums move into the totals mid-stream
+def test_statistics_equal_direct_numpy_computation(tiny_backbone, monkeypatch, float32_run):
+    monkeypatch.setattr(padim_model, "FLOAT32_RUN", float32_run)
     model = Padim(tiny_backbone, n_features=10, seed=3)
     images = smooth_images(7, seed=0)
     for batch in images.split(3):  # streaming over uneven batches
         model.collect(batch)
     model.fit()
 
-    embedding = model.embed(images).flatten(2).permute(2, 0, 1).double().numpy()  # [P, N, D]
+    embedding = model.embed(images).flatten(0, 1).double().numpy()  # [P, N, D]
     for position in (0, 5, embedding.shape[0] - 1):
         x = embedding[position]
         expected_mean = x.mean(axis=0)
@@ -30,6 +33,17 @@ def test_statistics_equal_direct_numpy_computation(tiny_backbone):
         )
 
 
+def test_embedding_is_the_concatenation_of_upsampled_layers_with_the_selected_channels(tiny_backbone):
+    model = Padim(tiny_backbone, n_features=12, seed=5)
+    images = smooth_images(3, seed=0)
+    features = list(tiny_backbone(images).values())
+    grid = features[0].shape[-2:]
+    assert any(feature.shape[-2:] != grid for feature in features)  # the test covers upsampling
+    upsampled = [torch.nn.functional.interpolate(feature, size=grid, mode="nearest") for feature in features]
+    expected = torch.cat(upsampled, dim=1).index_select(1, model.channel_index)  # [B, D, h, w]
+    assert torch.equal(model.embed(images), expected.permute(2, 3, 0, 1))
+
+
 def test_channel_selection_is_seeded_and_mahalanobis_matches_definition(tiny_backbone):
     a, b = Padim(tiny_backbone, n_features=10, seed=1), Padim(tiny_backbone, n_features=10, seed=1)
     assert torch.equal(a.channel_index, b.channel_index)
@@ -37,7 +51,7 @@ def test_channel_selection_is_seeded_and_mahalanobis_matches_definition(tiny_bac
 
     a.collect(smooth_images(6, seed=0))
     a.fit()
-    x = a.embed(smooth_images(2, seed=9)).flatten(2).permute(2, 0, 1)  # [P, B, D]
+    x = a.embed(smooth_images(2, seed=9)).flatten(0, 1)  # [P, B, D]
     delta = (x[4, 1] - a.mean[4]).double()
     expected = torch.sqrt(delta @ a.inv_covariance[4].double() @ delta)
     assert a.mahalanobis(x)[4, 1].item() == pytest.approx(expected.item(), rel=1e-4)

@@ -6,8 +6,10 @@ kept by a seeded random selection, and each position gets a mean and a covarianc
 patch scores its Mahalanobis distance; the map is upsampled to the image, blurred (σ = 4) and its
 maximum is the image score.
 
-Statistics are accumulated streaming (per-position sums of x and x·xᵀ, in float64, on data shifted
-by the first batch's mean for numerical safety), so memory does not grow with the train set.
+Statistics are accumulated streaming (per-position sums of x and x·xᵀ on data shifted by the first
+batch's mean), so memory does not grow with the train set. Each batch adds into a float32 sum in place
+(one ``baddbmm_``, nothing allocated: 5x faster than a float64 product per batch); that sum is moved
+into the float64 total every ``FLOAT32_RUN`` images, which bounds its rounding error.
 """
 
 import torch
@@ -16,6 +18,8 @@ from torch import Tensor, nn
 
 from anomaly.methods.base import AnomalyOutput, FitOnceModel, register_fitted_buffer
 from anomaly.methods.postprocess import upsample_and_blur
+
+FLOAT32_RUN = 1024  # images summed in float32 before the sums move into the float64 totals
 
 
 class Padim(FitOnceModel):
@@ -34,50 +38,92 @@ class Padim(FitOnceModel):
         if not 0 < n_features <= total:
             raise ValueError(f"n_features must be in [1, {total}] (the layers' channels), got {n_features}")
         generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("channel_index", torch.randperm(total, generator=generator)[:n_features])
+        # sorted, so each layer's channels can be picked before upsampling (the distance ignores order)
+        selected = torch.randperm(total, generator=generator)[:n_features].sort().values
+        self.register_buffer("channel_index", selected)
         self.covariance_epsilon = covariance_epsilon
         self.blur_sigma = blur_sigma
         self.position_block = position_block
         register_fitted_buffer(self, "mean")  # [P, D]
         register_fitted_buffer(self, "inv_covariance")  # [P, D, D]
-        self._count = 0
+        self._count = 0  # images in the float64 totals
+        self._run_count = 0  # images in the float32 sums, not yet in the totals
         self._shift: Tensor | None = None  # [P, D]
+        self._run_sum: Tensor | None = None  # [P, D] float32
+        self._run_outer_sum: Tensor | None = None  # [P, D, D] float32
         self._sum: Tensor | None = None  # [P, D] float64
         self._outer_sum: Tensor | None = None  # [P, D, D] float64
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
-        """Returns ``[B, D, h, w]`` embeddings on the first layer's grid (D = n_features)."""
+        """Returns embeddings ``[h, w, B, D]`` on the first layer's grid (D = n_features).
+
+        The layers are concatenated on that grid (deeper ones nearest-upsampled) and ``channel_index``
+        is kept. Positions come first so that each position's ``[B, D]`` block is contiguous for the
+        batched matmuls; each layer is picked straight into that layout from its channels-last map.
+        """
         features = list(self.backbone(images).values())
         grid = features[0].shape[-2:]
-        resized = [features[0]] + [F.interpolate(f, size=grid, mode="nearest") for f in features[1:]]
-        return torch.cat(resized, dim=1).index_select(1, self.channel_index)
+        parts = []
+        for feature, index in zip(features, self._kept_channels_per_layer(), strict=True):
+            if feature.shape[-2:] != grid:
+                feature = F.interpolate(feature, size=grid, mode="nearest")
+            parts.append(feature.permute(2, 3, 0, 1).index_select(3, index))
+        return torch.cat(parts, dim=3)
+
+    def _kept_channels_per_layer(self) -> list[Tensor]:
+        """``channel_index`` (sorted, over all layers' channels) split into each layer's own indices."""
+        kept, offset = [], 0
+        for channels in self.backbone.channels:
+            in_layer = (self.channel_index >= offset) & (self.channel_index < offset + channels)
+            kept.append(self.channel_index[in_layer] - offset)
+            offset += channels
+        return kept
 
     @torch.no_grad()
     def collect(self, images: Tensor) -> None:
-        x = positions_first(self.embed(images)).float()  # [P, B, D]
+        x = self.embed(images).flatten(0, 1).float()  # [P, B, D]
         if self._shift is None:
-            self._shift = x.mean(dim=1)
-            positions, dim = self._shift.shape
-            self._sum = torch.zeros(positions, dim, dtype=torch.float64, device=x.device)
-            self._outer_sum = torch.zeros(positions, dim, dim, dtype=torch.float64, device=x.device)
-        x = x - self._shift[:, None]
-        self._sum += x.sum(dim=1).double()
-        self._outer_sum += torch.bmm(x.transpose(1, 2), x).double()
-        self._count += x.shape[1]
+            self._start_sums(x)
+        x -= self._shift[:, None]
+        self._run_sum += x.sum(dim=1)
+        self._run_outer_sum.baddbmm_(x.transpose(1, 2), x)
+        self._run_count += x.shape[1]
+        if self._run_count >= FLOAT32_RUN:
+            self._flush_run()
+
+    def _start_sums(self, x: Tensor) -> None:
+        self._shift = x.mean(dim=1)
+        positions, dim = self._shift.shape
+        self._run_sum = torch.zeros(positions, dim, device=x.device)
+        self._run_outer_sum = torch.zeros(positions, dim, dim, device=x.device)
+        self._sum = torch.zeros(positions, dim, dtype=torch.float64, device=x.device)
+        self._outer_sum = torch.zeros(positions, dim, dim, dtype=torch.float64, device=x.device)
+
+    def _flush_run(self) -> None:
+        self._sum += self._run_sum
+        self._outer_sum += self._run_outer_sum
+        self._count += self._run_count
+        self._run_sum.zero_()
+        self._run_outer_sum.zero_()
+        self._run_count = 0
 
     @torch.no_grad()
     def fit(self) -> None:
+        if self._shift is not None:
+            self._flush_run()
         if self._count < 2:
             raise RuntimeError(f"PaDiM needs at least 2 training images, got {self._count}")
         n = self._count
         shifted_mean = self._sum / n
-        covariance = (self._outer_sum - n * shifted_mean[:, :, None] * shifted_mean[:, None, :]) / (n - 1)
-        eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
-        covariance += self.covariance_epsilon * eye
+        # covariance = (Σ x·xᵀ − n·m·mᵀ) / (n − 1) + ε·I, in place on the float64 total
+        covariance = self._outer_sum.baddbmm_(shifted_mean[:, :, None], shifted_mean[:, None, :], alpha=-n)
+        covariance /= n - 1
+        covariance.diagonal(dim1=-2, dim2=-1).add_(self.covariance_epsilon)
         self.mean = (shifted_mean + self._shift.double()).float()
         self.inv_covariance = torch.linalg.inv(covariance).float().contiguous()
         self._count, self._shift, self._sum, self._outer_sum = 0, None, None, None
+        self._run_sum, self._run_outer_sum = None, None
 
     @property
     def is_fitted(self) -> bool:
@@ -88,8 +134,8 @@ class Padim(FitOnceModel):
         if not self.is_fitted:
             raise RuntimeError("PaDiM is not fitted: train it (anomaly-train) or load a fitted model first.")
         embedding = self.embed(images)
-        batch, _, height, width = embedding.shape
-        distances = self.mahalanobis(positions_first(embedding))  # [P, B]
+        height, width, batch, _ = embedding.shape
+        distances = self.mahalanobis(embedding.flatten(0, 1))  # [P, B]
         patch_scores = distances.T.reshape(batch, 1, height, width)
         anomaly_map = upsample_and_blur(patch_scores, tuple(images.shape[-2:]), self.blur_sigma)
         return AnomalyOutput(anomaly_map, anomaly_map.amax(dim=(1, 2, 3)))
@@ -102,8 +148,3 @@ class Padim(FitOnceModel):
             delta = x[block] - self.mean[block, None]
             out[block] = (torch.bmm(delta, self.inv_covariance[block]) * delta).sum(-1)
         return out.clamp_min_(0).sqrt_()
-
-
-def positions_first(embedding: Tensor) -> Tensor:
-    """``[B, D, h, w]`` → contiguous ``[h·w, B, D]``: batched matmuls over strided views are ~8x slower."""
-    return embedding.flatten(2).permute(2, 0, 1).contiguous()
