@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
+from torchmetrics.functional.classification import binary_auroc
 
 from anomaly.metrics import Evaluator, aupro, f1_max
+from anomaly.metrics.aupro import pixel_auroc_and_aupro
 
 
 def _two_region_case() -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +104,17 @@ def test_aupro_matches_brute_force(seed: int, fpr_limit: float) -> None:
     maps, masks = _random_case(seed)
     expected = _brute_force_aupro(maps.numpy(), masks.numpy(), fpr_limit)
     assert aupro(maps, masks, fpr_limit=fpr_limit) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_pixel_auroc_from_the_shared_sort_equals_torchmetrics(seed: int) -> None:
+    maps, masks = _random_case(seed)  # with many ties
+    maps /= maps.max()  # in [0, 1], so torchmetrics takes them as probabilities, not logits
+    auroc, area = pixel_auroc_and_aupro(maps, masks, fpr_limit=0.3)
+    expected = binary_auroc(maps.flatten(), masks.flatten().long(), thresholds=None)  # float32 inside
+    assert auroc == pytest.approx(float(expected), abs=1e-6)
+    assert auroc == pytest.approx(_pairwise_auroc(maps.flatten(), masks.flatten()), abs=1e-9)
+    assert area == aupro(maps, masks, fpr_limit=0.3)
 
 
 def test_aupro_rejects_undefined_cases() -> None:

@@ -5,7 +5,7 @@ from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc, binary_precision_recall_curve
 
 from anomaly.calibration import metrics_at_threshold
-from anomaly.metrics.aupro import aupro
+from anomaly.metrics.aupro import pixel_auroc_and_aupro
 
 
 class Evaluator:
@@ -74,8 +74,7 @@ class Evaluator:
         if self._masks:
             maps, masks = _merge(self._maps), _merge(self._masks)
             _require_both_classes(masks, "pixel metrics", "pixels")
-            metrics["pixel_auroc"] = _auroc(maps, masks)
-            metrics["pixel_aupro"] = aupro(maps, masks)
+            metrics["pixel_auroc"], metrics["pixel_aupro"] = pixel_auroc_and_aupro(maps, masks)
         return metrics
 
 
