@@ -336,7 +336,7 @@ def parity_images(
     picks = np.linspace(0, len(files) - 1, min(cfg.num_parity_images, len(files))).round().astype(int)
     images = []
     for index in picks:
-        image = v2.functional.pil_to_tensor(read_image(files[index]))
+        image = read_image(files[index])
         if tuple(image.shape[-2:]) != input_size:
             image = v2.functional.resize(image, list(input_size), antialias=True)
         images.append(image)

@@ -57,7 +57,7 @@ class PredictionImages(Dataset):
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
         try:
-            image = tv_tensors.Image(v2.functional.pil_to_tensor(read_image(path)))
+            image = tv_tensors.Image(read_image(path))
         except DataError as error:
             return {"path": str(path), "error": str(error)}
         return {"path": str(path), "image": self.transform(image).as_subclass(torch.Tensor)}

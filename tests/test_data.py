@@ -8,7 +8,7 @@ from PIL import Image
 from anomaly.data.datamodule import SampleDataset, build_transform, split_validation
 from anomaly.data.folder import Folder
 from anomaly.data.mvtec import MVTecAD
-from anomaly.data.samples import DataError, Sample
+from anomaly.data.samples import DataError, Sample, read_image
 
 
 def write_image(path: Path, size=(40, 30), value=128, mode="RGB") -> Path:
@@ -68,6 +68,30 @@ def test_corrupt_image_is_reported_by_file(mvtec_root):
     data.setup()
     with pytest.raises(DataError, match=r"002.png"):
         list(data.train_dataloader())
+
+
+def test_read_image_gives_pils_rgb_pixels_for_every_format_and_scales_16_bit(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    variants = {
+        "rgb.png": Image.fromarray(rgb),
+        "rgba.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),
+        "grey.png": Image.fromarray(rgb[..., 0]),
+        "palette.png": Image.fromarray(rgb).convert("P"),
+        "rgb.jpg": Image.fromarray(rgb),
+        "grey.jpeg": Image.fromarray(rgb[..., 0]),
+        "rgb.bmp": Image.fromarray(rgb),
+        "rgb.tiff": Image.fromarray(rgb),
+    }
+    for name, image in variants.items():
+        image.save(tmp_path / name)
+        with Image.open(tmp_path / name) as reference:
+            expected = torch.from_numpy(np.asarray(reference.convert("RGB")).copy()).permute(2, 0, 1)
+        assert torch.equal(read_image(tmp_path / name), expected), name
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # 16 bits per pixel
+    assert torch.equal(read_image(tmp_path / "grey16.png"), torch.from_numpy(rgb[..., 0]).expand(3, -1, -1))
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "rgb.png").read_bytes()[:60])
+    with pytest.raises(DataError, match=r"truncated\.png.*Replace the file"):
+        read_image(tmp_path / "truncated.png")
 
 
 def test_mask_of_other_size_is_an_error_naming_both_files(mvtec_root):

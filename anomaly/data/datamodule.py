@@ -41,12 +41,12 @@ class SampleDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        pil_image = read_image(sample.image_path)
-        image = tv_tensors.Image(v2.functional.pil_to_tensor(pil_image))
+        image = tv_tensors.Image(read_image(sample.image_path))
+        height, width = image.shape[-2:]
         if sample.mask_path is None:
-            mask = torch.zeros(1, pil_image.height, pil_image.width, dtype=torch.uint8)
+            mask = torch.zeros(1, height, width, dtype=torch.uint8)
         else:
-            mask = read_mask(sample.mask_path, sample.image_path, pil_image.size)
+            mask = read_mask(sample.mask_path, sample.image_path, (width, height))
         image, mask = self.transform(image, tv_tensors.Mask(mask))
         return {
             "image": image.as_subclass(Tensor),

@@ -43,7 +43,7 @@ class ImageFolderDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Tensor:
-        return self.transform(v2.functional.pil_to_tensor(read_image(self.paths[index])))
+        return self.transform(read_image(self.paths[index]))
 
 
 def penalty_transform(image_size: tuple[int, int]) -> v2.Compose:
