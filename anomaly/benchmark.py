@@ -38,8 +38,8 @@ REFERENCES_FILE = Path(__file__).with_name("paper_results.yaml")
 # Command-line overrides that are a table axis, or do not change results: never part of a run's variant.
 NOT_VARIANTS = frozenset({
     "method", "backbone", "dataset", "dataset.category", "seed", "experiment", "hparams_search",
-    "benchmark_name", "dataset.root", "force", "logger", "num_threads", "optimized_metric",
-    "dataset.num_workers", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "benchmark_name", "dataset.root", "force", "logger", "num_threads", "reuse_freed_memory",
+    "optimized_metric", "dataset.num_workers", "trainer.enable_progress_bar", "trainer.enable_model_summary",
 })  # fmt: skip
 Table = tuple[list[str], list[list[str]]]  # header, body rows
 

@@ -20,6 +20,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from anomaly.allocator import keep_freed_memory_for_reuse
 from anomaly.calibration import Calibration
 from anomaly.data.datamodule import build_transform
 from anomaly.data.samples import DataError, list_images, read_image
@@ -87,6 +88,8 @@ def prediction_row(path: str, score: float, calibration: Calibration | None, thr
 
 def predict(cfg: DictConfig, output_dir: Path) -> Path:
     """Scores every input image; returns the path of predictions.csv."""
+    if cfg.reuse_freed_memory:
+        keep_freed_memory_for_reuse()
     device = pick_device(cfg.device)
     loaded = load_model(cfg.model, device=str(device))
     threshold = cfg.threshold if cfg.threshold is not None else getattr(loaded.calibration, "threshold", None)

@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 
+from anomaly.allocator import keep_freed_memory_for_reuse
 from anomaly.model_io import save_model
 from anomaly.visualization import save_heatmaps
 
@@ -84,6 +85,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     (output_dir / "config.yaml").write_text(config_text)
     pl.seed_everything(cfg.seed, workers=True)
     set_cpu_threads(cfg.get("num_threads"))
+    if cfg.reuse_freed_memory:
+        keep_freed_memory_for_reuse()
 
     datamodule = instantiate(cfg.dataset)
     model = instantiate(cfg.method.model)  # builds the backbone too, where the method uses one

@@ -21,7 +21,8 @@ def fitted_run(tmp_path_factory):
 
 def predict_config(model, input_spec, **overrides):
     base = {"model": str(model), "input": str(input_spec), "batch_size": 4, "num_workers": 0,
-            "device": "auto", "threshold": None, "save_overlays": True}  # fmt: skip
+            "device": "auto", "threshold": None, "save_overlays": True,
+            "reuse_freed_memory": True}  # fmt: skip
     return OmegaConf.create({**base, **overrides})
 
 

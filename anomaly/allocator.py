@@ -1,0 +1,37 @@
+"""glibc malloc settings for batch-after-batch tensor work on CPU.
+
+glibc serves each allocation above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and
+returns it to the OS on free, so every batch's large activations and distance matrices are
+page-faulted in again: PaDiM on MVTec ``bottle`` took 3.3 million page faults and 7.3 s of system
+time for 10.8 s of fit + test. Serving every allocation from the heap and never trimming it lets the
+next batch reuse the same pages: 0.8 million faults, fit + test 8.4 s, peak RSS +6 %. It is still
+the default allocator (anomalib, by contrast, needed jemalloc to keep its memory in check).
+"""
+
+import ctypes
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
+_M_MMAP_MAX = -4
+_NEVER_TRIM = 2**31 - 1  # the largest value mallopt accepts (an int)
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Tells glibc malloc to reuse freed memory instead of returning it to the OS.
+
+    Affects this process and the DataLoader workers it forks afterwards. Returns False (and changes
+    nothing) where the C library is not glibc, e.g. on macOS or Windows.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        return False
+    applied = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM) == 1
+    log.debug("glibc malloc keeps freed memory for reuse: %s", applied)
+    return applied
