@@ -117,6 +117,15 @@ def test_pixel_auroc_from_the_shared_sort_equals_torchmetrics(seed: int) -> None
     assert area == aupro(maps, masks, fpr_limit=0.3)
 
 
+def test_pixel_metrics_order_negative_scores_and_signed_zeros_as_floats() -> None:
+    maps, masks = _random_case(2)
+    maps = maps - 0.6  # negative scores too
+    maps[0, :3], maps[1, :3] = 0.0, -0.0  # equal scores, different bits: must tie
+    auroc, area = pixel_auroc_and_aupro(maps, masks, fpr_limit=0.3)
+    assert auroc == pytest.approx(_pairwise_auroc(maps.flatten(), masks.flatten()), abs=1e-9)
+    assert area == pytest.approx(_brute_force_aupro(maps.numpy(), masks.numpy(), 0.3), abs=1e-9)
+
+
 def test_aupro_rejects_undefined_cases() -> None:
     maps = torch.rand(2, 4, 4)
     with pytest.raises(ValueError, match="defect region"):

