@@ -48,6 +48,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import open_dict
 
+from anomaly.allocator import keep_freed_memory_for_reuse
 from anomaly.methods.base import FitOnceModel
 from anomaly.metrics import Evaluator
 from anomaly.train import CONFIG_DIR, train
@@ -258,6 +259,8 @@ def main() -> None:
     output_dir = Path("outputs/benchmarks") / time.strftime("%Y-%m-%d_%H-%M-%S")
     overrides = [*args.overrides, "logger=none", "trainer.enable_progress_bar=false"]
     cfg = compose_config(overrides, output_dir)
+    if cfg.reuse_freed_memory:  # as anomaly-train does, so that every stage runs under the same malloc
+        keep_freed_memory_for_reuse()
     figures: dict = {
         "method": cfg.method.name,
         "backbone": cfg.backbone.name,

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from anomaly.allocator import release_freed_memory
 from anomaly.data.samples import Sample, read_image, read_mask
 
 
@@ -54,6 +55,19 @@ class SampleDataset(Dataset):
             "label": sample.label,
             "path": str(sample.image_path),
         }
+
+
+class TrimmedForkDataLoader(DataLoader):
+    """A DataLoader that returns the heap's free pages to the OS before it forks its workers.
+
+    Workers forked on top of freed-but-kept memory (see anomaly/allocator.py) would share it
+    copy-on-write, and the main process would copy each page it reuses while they run.
+    """
+
+    def __iter__(self):
+        if self.num_workers > 0:
+            release_freed_memory()
+        return super().__iter__()
 
 
 class AnomalyDataModule(pl.LightningDataModule):
@@ -106,7 +120,7 @@ class AnomalyDataModule(pl.LightningDataModule):
 
     def _loader(self, samples: list[Sample], shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
+        return TrimmedForkDataLoader(
             SampleDataset(samples, self.transform),
             batch_size=self.batch_size,
             shuffle=shuffle,
