@@ -32,6 +32,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from anomaly.allocator import keep_freed_memory_for_reuse
 from anomaly.export import (
     CONFIG_DIR,
     ExportedModel,
@@ -165,6 +166,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory_for_reuse()  # as anomaly-predict does by default
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="anomaly-benchmark-"))
     workdir.mkdir(parents=True, exist_ok=True)
     models = [m.parent if m.is_file() else m for m in args.models] or [

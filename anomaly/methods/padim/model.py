@@ -60,7 +60,7 @@ class Padim(FitOnceModel):
 
         The layers are concatenated on that grid (deeper ones nearest-upsampled) and ``channel_index``
         is kept. Positions come first so that each position's ``[B, D]`` block is contiguous for the
-        batched matmuls; each layer is picked straight into that layout from its channels-last map.
+        batched matmuls; each layer is picked into that layout from its channels-last map, then concatenated.
         """
         features = list(self.backbone(images).values())
         grid = features[0].shape[-2:]
