@@ -44,6 +44,13 @@ def test_embedding_is_the_concatenation_of_upsampled_layers_with_the_selected_ch
     assert torch.equal(model.embed(images), expected.permute(2, 3, 0, 1))
 
 
+def test_a_model_with_unsorted_channels_from_an_older_version_is_refused(tiny_backbone):
+    model = Padim(tiny_backbone, n_features=12, seed=5)
+    state = {**model.state_dict(), "channel_index": model.channel_index.flip(0)}
+    with pytest.raises(RuntimeError, match=r"older version.*Fit it again"):
+        model.load_state_dict(state)
+
+
 def test_channel_selection_is_seeded_and_mahalanobis_matches_definition(tiny_backbone):
     a, b = Padim(tiny_backbone, n_features=10, seed=1), Padim(tiny_backbone, n_features=10, seed=1)
     assert torch.equal(a.channel_index, b.channel_index)

@@ -41,6 +41,7 @@ class Padim(FitOnceModel):
         # sorted, so each layer's channels can be picked before upsampling (the distance ignores order)
         selected = torch.randperm(total, generator=generator)[:n_features].sort().values
         self.register_buffer("channel_index", selected)
+        self.register_load_state_dict_post_hook(_refuse_unsorted_channels)
         self.covariance_epsilon = covariance_epsilon
         self.blur_sigma = blur_sigma
         self.position_block = position_block
@@ -148,3 +149,12 @@ class Padim(FitOnceModel):
             delta = x[block] - self.mean[block, None]
             out[block] = (torch.bmm(delta, self.inv_covariance[block]) * delta).sum(-1)
         return out.clamp_min_(0).sqrt_()
+
+
+def _refuse_unsorted_channels(model: Padim, incompatible_keys: object) -> None:
+    """Models saved before the channels were kept sorted hold statistics in another channel order."""
+    if not bool((model.channel_index[1:] > model.channel_index[:-1]).all()):
+        raise RuntimeError(
+            "This PaDiM model's channel_index is not sorted: it was saved by an older version of anomaly, "
+            "whose statistics are in another channel order. Fit it again with anomaly-train."
+        )
