@@ -15,7 +15,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from anomaly.methods.patchcore import nearest_neighbors
-from anomaly.methods.patchcore.coreset import ApproximateGreedyCoreset, greedy_k_center, random_projection
+from anomaly.methods.patchcore.coreset import (
+    ApproximateGreedyCoreset,
+    TrianglePruning,
+    greedy_k_center,
+    random_projection,
+)
 from anomaly.methods.patchcore.model import PatchCore, aggregate_patch_features
 from anomaly.methods.patchcore.nearest_neighbors import nearest_distances
 
@@ -103,6 +108,33 @@ def test_float16_coreset_covers_as_well_as_float32() -> None:
     radius16 = coverage_radius(points, greedy_k_center(points.half(), 150, starts))
     print(f"coverage radius float32 {radius32:.4f}, float16 {radius16:.4f} ({radius16 / radius32 - 1:+.2%})")
     assert radius16 <= 1.03 * radius32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triangle_pruning_selects_what_full_passes_select(dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    generator = torch.Generator().manual_seed(4)
+    clusters = torch.randn(30, 32, generator=generator) * 4
+    features = clusters[torch.randint(0, 30, (4000,), generator=generator)] + torch.randn(
+        4000, 32, generator=generator
+    )
+    points = random_projection(features, 16, torch.Generator().manual_seed(0), dtype)
+    starts = torch.arange(10)
+    candidate_counts = []
+    find_candidates = TrianglePruning.candidates
+
+    def counting_candidates(self):
+        candidates = find_candidates(self)
+        candidate_counts.append(len(points) if candidates is None else len(candidates))
+        return candidates
+
+    monkeypatch.setattr(TrianglePruning, "candidates", counting_candidates)
+    pruned = greedy_k_center(points, 400, starts)
+    pruned_steps = [
+        count for count in candidate_counts if count < TrianglePruning.FULL_PASS_FRACTION * len(points)
+    ]
+    assert len(pruned_steps) >= 3  # the pruned path ran: steps that skipped more than 3/4 of the points
+    monkeypatch.setattr(TrianglePruning, "FULL_PASS_FRACTION", -1.0)  # every step a full pass
+    assert torch.equal(pruned, greedy_k_center(points, 400, starts))
 
 
 @pytest.mark.parametrize(
