@@ -9,7 +9,7 @@ the default allocator (anomalib, by contrast, needed jemalloc to keep its memory
 
 The kept memory has one cost: DataLoader workers forked on top of it share its pages copy-on-write,
 so each page the main process reuses while they run is copied first. :func:`release_freed_memory`
-hands the free pages back just before workers are forked (magnetic tile test pass: 10.2 → 7.9 s).
+hands the free pages back just before workers are forked (magnetic tile test pass: 10.2 → 7.7 s).
 """
 
 import ctypes

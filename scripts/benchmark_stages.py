@@ -7,7 +7,8 @@ Runs the same composed config as ``anomaly-train`` (any Hydra override works) an
   (BatchNorms folded into the convolutions); decode + backbone is the *floor*: what any method on
   this backbone must pay;
 * ``unfolded_backbone``: the same forward through the network as published (BatchNorms not folded);
-  decode + it is the ``reference_floor``, the floor as ../shared/peer/RESULTS.md measures it;
+  decode + it is the ``reference_floor`` (``scripts/benchmark_floor.py`` gives the conventional floor
+  of ../shared/peer/RESULTS.md: PIL decoding, this network, glibc's default malloc settings);
 * ``collect``, ``fit``: the method's pass over the training images and its fit (statistics or coreset);
 * ``score``, ``metrics``: the test forward pass and the metric computation;
 * ``end_to_end``: ``anomaly-train``'s own fit + test seconds (imports and process start excluded, as
