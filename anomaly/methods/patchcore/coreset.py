@@ -197,19 +197,10 @@ class TrianglePruning:
     def update(self, indices: Tensor | None, sq_distances: Tensor, min_dist: Tensor) -> None:
         """Records the new centre's squared distances to ``points[indices]`` (all points if None) and
         those points' new squared distances ``min_dist`` to the selection."""
+        rows = slice(None) if indices is None else indices
         distances = sq_distances.float().sqrt()
-        owner_dist = self.owner_dist if indices is None else self.owner_dist[indices]
+        owner_dist = self.owner_dist[rows]
         closer = distances < owner_dist
-        owner_dist = torch.where(closer, distances, owner_dist)
-        owner = torch.where(
-            closer, self.num_centers - 1, self.owner if indices is None else self.owner[indices]
-        )
-        reach = owner_dist + min_dist.float().sqrt()
-        if indices is None:
-            self.owner_dist, self.owner, self.reach = owner_dist, owner.to(torch.int32), reach
-        else:
-            self.owner_dist[indices], self.owner[indices], self.reach[indices] = (
-                owner_dist,
-                owner.to(torch.int32),
-                reach,
-            )
+        self.owner[rows] = torch.where(closer, self.num_centers - 1, self.owner[rows])
+        self.owner_dist[rows] = torch.where(closer, distances, owner_dist)
+        self.reach[rows] = self.owner_dist[rows] + min_dist.float().sqrt()
