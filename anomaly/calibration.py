@@ -5,10 +5,12 @@ validation split raise a false alarm. The normalised score is 0 for a typical go
 threshold, so scores of different methods and runs share one scale.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import Tensor
+
+from anomaly.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,18 @@ class Calibration:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: object) -> "Calibration | None":
+        """The calibration :meth:`to_dict` wrote (None stays None); anything else is a ConfigError."""
+        if values is None:
+            return None
+        names = {field.name for field in fields(cls)}
+        if not isinstance(values, dict) or set(values) != names:
+            raise ConfigError(f"calibration must have exactly the keys {sorted(names)}, got {values!r}")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values.values()):
+            raise ConfigError(f"calibration values must be numbers, got {values!r}")
+        return cls(**values)
 
 
 def fit_calibration(normal_scores: Tensor, quantile: float) -> Calibration:

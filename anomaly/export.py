@@ -7,7 +7,7 @@ loaders run), the centre crop, the scaling to [0, 1]. The backbone's own normali
 model. It returns ``(anomaly_map [B, 1, h, w], image_score [B])``, h×w being the training input size.
 
 Nothing is assumed equal: the file is written to a staging folder, run (onnxruntime, ``torch.jit.load``)
-beside the eager PyTorch model fed through the training transform (``build_transform``) on sample images,
+beside the eager PyTorch model fed through the training transform (``Preprocessing``) on sample images,
 and moved into place only if every map pixel and score agrees within ``atol + rtol·|eager|``.
 """
 
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 
-from anomaly.data.datamodule import build_transform
+from anomaly.data.preprocessing import Preprocessing
 from anomaly.data.samples import IMAGE_EXTENSIONS, read_image
 from anomaly.model_io import load_model
 
@@ -106,21 +106,19 @@ class AxisResize(nn.Module):
 
 
 class Preprocess(nn.Module):
-    """``uint8 [B, 3, H, W]`` at ``input_size`` → float ``[B, 3, h, w]`` in [0, 1], as ``build_transform``.
+    """``uint8 [B, 3, H, W]`` at ``input_size`` → float ``[B, 3, h, w]`` in [0, 1], as the training transform.
 
     The steps are read off the training transform itself (sizes and crop offsets by running its steps on
     probe images), so the export cannot drift from it; a step it cannot reproduce is an error.
     """
 
-    def __init__(
-        self, input_size: tuple[int, int], image_size: int | list[int], crop_size: int | None
-    ) -> None:
+    def __init__(self, input_size: tuple[int, int], preprocessing: Preprocessing) -> None:
         super().__init__()
         height, width = input_size
         passes: list[nn.Module] = []
         self.crop = (0, 0, height, width)  # top, left, height, width
         scaled = False
-        for step in build_transform(image_size, crop_size).transforms:
+        for step in preprocessing.transform().transforms:
             if isinstance(step, v2.Resize):
                 if InterpolationMode(step.interpolation) != InterpolationMode.BILINEAR or not step.antialias:
                     raise ValueError(f"cannot reproduce {step}: only bilinear with antialias is supported")
@@ -395,12 +393,12 @@ def parity_batches(images: Tensor, batch: int | None) -> list[Tensor]:
 
 
 def check_parity(
-    run: Run, reference: nn.Module, device: torch.device, batches: list[Tensor], transform: tuple,
+    run: Run, reference: nn.Module, device: torch.device, batches: list[Tensor], preprocessing: Preprocessing,
     atol: float, rtol: float,
 ) -> Parity:  # fmt: skip
-    """Runs the exported file and the eager model on ``device`` (fed through ``build_transform(*transform)``)
-    on each batch of ``uint8`` images."""
-    parity, steps = Parity(), build_transform(*transform)
+    """Runs the exported file and the eager model on ``device`` (fed through the training transform) on
+    each batch of ``uint8`` images."""
+    parity, steps = Parity(), preprocessing.transform()
     for batch in batches:
         parity.update(run(batch), eager_reference(reference, batch, steps, device), atol, rtol)
     return parity
@@ -430,22 +428,22 @@ def export(cfg: DictConfig) -> ExportResult:
     device = torch.device(cfg.device)
     loaded = load_model(model_file, device=str(device))
     run_cfg = load_run_config(model_file)
-    transform = training_transform(loaded.config, run_cfg, model_file)
-    input_size = resolve_input_size(cfg.input_size, transform[0])
+    preprocessing = loaded.preprocessing
+    input_size = resolve_input_size(cfg.input_size, preprocessing.image_size)
     output = Path(cfg.output) if cfg.output else model_file.with_suffix(FORMATS[cfg.format])
 
-    preprocess = Preprocess(input_size, *transform).to(device)
+    preprocess = Preprocess(input_size, preprocessing).to(device)
     exported = ExportedModel(preprocess, prepare_for_export(copy.deepcopy(loaded.model))).eval()
     input_shape = [cfg.batch or "batch", 3, *input_size]
     metadata = {
-        "method": loaded.config.method.name,
+        "method": loaded.method,
         "source": str(model_file),
         "input": {"name": INPUT_NAME, "dtype": "uint8", "channels": "RGB", "shape": input_shape},
         "outputs": {
             "anomaly_map": {"dtype": "float32", "shape": [input_shape[0], 1, *preprocess.output_size]},
             "image_score": {"dtype": "float32", "shape": [input_shape[0]]},
         },
-        "preprocessing": {"image_size": transform[0], "crop_size": transform[1], "scale": "1/255"},
+        "preprocessing": {**preprocessing.to_dict(), "scale": "1/255"},
         "calibration": loaded.calibration.to_dict() if loaded.calibration else None,
     }
     images, description = parity_images(cfg, run_cfg, input_size)
@@ -462,7 +460,7 @@ def export(cfg: DictConfig) -> ExportResult:
             export_torchscript(exported, example, staging / output.name, metadata)
         run = load_exported(staging / output.name, cfg.format, device)
         batches = parity_batches(images, cfg.batch)
-        parity = check_parity(run, loaded.model, device, batches, transform, cfg.atol, cfg.rtol)
+        parity = check_parity(run, loaded.model, device, batches, preprocessing, cfg.atol, cfg.rtol)
         if parity.failures:
             raise ParityError(
                 f"the exported {cfg.format} model differs from the eager PyTorch model: {parity.failures} "
@@ -493,22 +491,9 @@ def load_run_config(model_file: Path) -> DictConfig | None:
     return OmegaConf.load(path) if path.is_file() else None
 
 
-def training_transform(
-    model_config: DictConfig, run_cfg: DictConfig | None, model_file: Path
-) -> tuple[int | list[int], int | None]:
-    """(image_size, crop_size) of ``build_transform`` at training: recorded in the model file, or for
-    files written before it was, in the run's config.yaml."""
-    transform = model_config.get("transform") or (run_cfg.get("dataset") if run_cfg else None)
-    if transform is None:
-        raise FileNotFoundError(
-            f"{model_file} does not record its training transform and there is no config.yaml next to it: "
-            "keep the run dir's config.yaml beside the model file."
-        )
-    image_size = transform.image_size
-    return image_size if isinstance(image_size, int) else list(image_size), transform.get("crop_size")
-
-
-def resolve_input_size(input_size: int | list[int] | None, image_size: int | list[int]) -> tuple[int, int]:
+def resolve_input_size(
+    input_size: int | list[int] | None, image_size: int | tuple[int, int]
+) -> tuple[int, int]:
     """``(H, W)`` of the raw input; by default what the training resize makes of a square image."""
     size = image_size if input_size is None else input_size
     size = (size, size) if isinstance(size, int) else tuple(size)

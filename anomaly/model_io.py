@@ -1,75 +1,216 @@
-"""Fitted-model files: safetensors tensors + the config that rebuilds the model. No pickle anywhere.
+"""Fitted-model files: the fitted tensors (safetensors) and plain-value metadata (JSON). Data, never code.
 
-The frozen backbone's weights are not stored (they come from the backbone config, as at training
-time); everything fitted or trained is. Loading checks the file format version.
+A file names its method; the class comes from the allow-list :data:`anomaly.methods.METHODS`, a nested
+component (the backbone) is built by the key it sits under (:data:`COMPONENTS`), and every other value
+must be a plain JSON value that the constructor's signature admits. Nothing read from the file is
+imported, instantiated by name, unpickled or interpolated, so loading a file from anyone cannot run
+their code. The frozen pretrained backbone's weights are not stored (they come from its config, as at
+training time); everything fitted or trained is.
 """
 
+import inspect
 import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
+from hydra.utils import get_class
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from anomaly.backbones import FeatureExtractor
 from anomaly.calibration import Calibration
+from anomaly.data.preprocessing import Preprocessing
+from anomaly.errors import ConfigError, ModelFileError
+from anomaly.methods import METHODS
 
-FORMAT_VERSION = 1
-BACKBONE_PREFIX = "backbone."
+FORMAT_VERSION = 2
+COMPONENTS: dict[str, type[nn.Module]] = {"backbone": FeatureExtractor}  # constructor key -> its class
+GOOD_FILE_HINT = (
+    "Use the model.safetensors that anomaly-train wrote into its run dir, or re-run anomaly-train."
+)
 
 
-class LoadedModel(NamedTuple):
-    model: nn.Module  # eval mode; images [B,3,H,W] in [0,1] at the training size → AnomalyOutput
-    config: DictConfig  # the resolved method config (and the data transform settings) it was built from
-    calibration: Calibration | None  # threshold fitted on normal validation images; None without val split
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module  # eval mode; images [B, 3, H, W] in [0, 1] after `preprocessing` -> AnomalyOutput
+    method: str  # its name in anomaly.methods.METHODS
+    preprocessing: Preprocessing  # what turns a raw image into the model's input
+    calibration: Calibration | None  # fitted on normal images only; None when the run had none
+    config: dict  # the plain constructor values the model was rebuilt from
 
 
-def save_model(model: nn.Module, cfg: DictConfig, path: Path, calibration: Calibration | None = None) -> None:
-    """Writes the fitted state of ``model``, the resolved method config and transform, and the calibration."""
+def save_model(
+    model: nn.Module,
+    method: str,
+    model_config: Mapping,
+    preprocessing: Preprocessing,
+    path: Path,
+    calibration: Calibration | None = None,
+) -> None:
+    """Writes ``model``'s fitted state and what rebuilds it.
+
+    ``model_config`` is the resolved method model config (Hydra's ``_target_`` keys allowed: each must
+    name the class the allow-list builds at that place, so that the file loads as it was trained).
+    """
+    config = _plain_config(METHODS.get(method), dict(model_config), f"method {method!r}")
+    skipped = _unstored_prefixes(model)
     state = {
-        k: v.detach().contiguous().cpu()
-        for k, v in model.state_dict().items()
-        if not k.startswith(BACKBONE_PREFIX)
-    }
-    config = {
-        "method": OmegaConf.to_container(cfg.method, resolve=True),
-        "transform": {"image_size": cfg.dataset.image_size, "crop_size": cfg.dataset.crop_size},
+        key: value.detach().contiguous().cpu()
+        for key, value in model.state_dict().items()
+        if not key.startswith(skipped)
     }
     metadata = {
         "format_version": str(FORMAT_VERSION),
-        "config": json.dumps(OmegaConf.to_container(OmegaConf.create(config), resolve=True)),
+        "method": method,
+        "model": json.dumps(config),
+        "preprocessing": json.dumps(preprocessing.to_dict()),
         "calibration": json.dumps(calibration.to_dict() if calibration else None),
     }
     save_file(state, str(path), metadata=metadata)
 
 
 def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
-    """Rebuilds the model saved by :func:`save_model` (a run dir works too), with config and calibration."""
+    """Rebuilds the model that :func:`save_model` wrote (a run dir works too)."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"Model file {path} does not exist (a run writes <run dir>/model.safetensors)."
-        )
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    version = int(metadata.get("format_version", -1))
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has model format version {version}; this anomaly version reads version "
-            f"{FORMAT_VERSION}. Re-export the model with the matching anomaly version."
-        )
-    config = OmegaConf.create(json.loads(metadata["config"]))
-    model = instantiate(config.method.model)
-    state = load_file(str(path), device="cpu")
+        raise ModelFileError(f"Model file {path} does not exist. {GOOD_FILE_HINT}")
+    metadata = _read_metadata(path)
+    method = metadata.get("method")
+    if method not in METHODS:
+        message = f"{path} names method {method!r}; this version knows {sorted(METHODS)}. {GOOD_FILE_HINT}"
+        raise ModelFileError(message)
+    config = _json(metadata, "model", path)
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path}: its model config is not a mapping of values. {GOOD_FILE_HINT}")
+    preprocessing_values = _json(metadata, "preprocessing", path)
+    calibration_values = _json(metadata, "calibration", path)
+    try:
+        preprocessing = Preprocessing.from_dict(preprocessing_values)
+        calibration = Calibration.from_dict(calibration_values)
+        model = _build(METHODS[method], config, f"{path}: method {method}")
+    except (ValueError, TypeError) as error:  # ConfigError, and the constructors' own checks
+        raise ModelFileError(
+            f"{path} holds values this version cannot use: {error}. {GOOD_FILE_HINT}"
+        ) from None
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as error:
+        raise ModelFileError(f"{path}: its tensors cannot be read ({error}). {GOOD_FILE_HINT}") from None
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(BACKBONE_PREFIX)]
+    missing = [key for key in result.missing_keys if not key.startswith(_unstored_prefixes(model))]
     if missing or result.unexpected_keys:
-        raise ValueError(
-            f"{path} does not match its config: missing {missing}, unexpected {result.unexpected_keys}"
+        raise ModelFileError(
+            f"{path} does not match its own config: missing tensors {missing[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]}. {GOOD_FILE_HINT}"
         )
-    calibration = json.loads(metadata.get("calibration") or "null")
-    return LoadedModel(model.to(device).eval(), config, Calibration(**calibration) if calibration else None)
+    return LoadedModel(model.to(device).eval(), method, preprocessing, calibration, config)
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ModelFileError(
+            f"{path} is not a readable model file ({error}): expected a safetensors file written by "
+            f"anomaly-train; it may be truncated or another kind of file. {GOOD_FILE_HINT}"
+        ) from None
+    version = metadata.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise ModelFileError(
+            f"{path} has model format version {version}; this version of anomaly reads version "
+            f"{FORMAT_VERSION} (version 1 files named Python classes to build, which is no longer read). "
+            "Re-run anomaly-train with the same config to get a current file."
+        )
+    return metadata
+
+
+def _json(metadata: dict[str, str], key: str, path: Path) -> object:
+    try:
+        return json.loads(metadata[key])
+    except (KeyError, TypeError, ValueError) as error:
+        message = f"{path}: metadata {key!r} is missing or not JSON ({error}). {GOOD_FILE_HINT}"
+        raise ModelFileError(message) from None
+
+
+def _unstored_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of pretrained frozen backbones: their weights come from the backbone config.
+    A randomly initialised backbone cannot be recreated, so its weights are stored."""
+    return tuple(
+        f"{name}."
+        for name, module in model.named_modules()
+        if isinstance(module, FeatureExtractor) and module.pretrained
+    )
+
+
+def _plain_config(cls: type | None, config: dict, where: str) -> dict:
+    """``config`` without Hydra keys, checked as :func:`_build` will check it; raises ConfigError."""
+    if cls is None:
+        raise ConfigError(f"{where} is not one of the methods a model file can hold: {sorted(METHODS)}")
+    target = config.pop("_target_", None)
+    if target is not None and get_class(target) is not cls:
+        raise ConfigError(f"{where}: _target_ {target} is not {cls.__module__}.{cls.__qualname__}")
+    plain = {}
+    for key, value in config.items():
+        if key in COMPONENTS and isinstance(value, Mapping):
+            plain[key] = _plain_config(COMPONENTS[key], dict(value), f"{where}.{key}")
+        else:
+            plain[key] = value
+    _check_arguments(cls, plain, where)
+    return plain
+
+
+def _build(cls: type[nn.Module], config: dict, where: str) -> nn.Module:
+    """``cls(**config)`` after checking every key and value; components are built by their key."""
+    _check_arguments(cls, config, where)
+    arguments = {
+        key: _build(COMPONENTS[key], value, f"{where}.{key}") if key in COMPONENTS else value
+        for key, value in config.items()
+    }
+    return cls(**arguments)
+
+
+def _check_arguments(cls: type, config: dict, where: str) -> None:
+    """Every key is a parameter of ``cls``; every value a plain value its annotation admits; a component
+    (by key) is a mapping. Keys such as ``_target_``, ``_partial_`` or ``_args_`` are never parameters."""
+    signature = inspect.signature(cls.__init__)
+    hints = typing.get_type_hints(cls.__init__)
+    for key, value in config.items():
+        if key not in signature.parameters or key == "self":
+            raise ConfigError(f"{where}: {key!r} is not a parameter of {cls.__name__}")
+        if key in COMPONENTS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key} must be a mapping of values, got {type(value).__name__}")
+        elif not _admits(hints.get(key, typing.Any), value):
+            raise ConfigError(f"{where}.{key} = {value!r} is not a plain value of type {hints.get(key)}")
+
+
+def _admits(annotation: object, value: object) -> bool:
+    """Whether the plain JSON ``value`` fits ``annotation`` (int for float too; never bool for int)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_admits(arg, value) for arg in args)
+    if annotation is typing.Any:
+        return (
+            value is None
+            or isinstance(value, bool | int | float | str)
+            or (isinstance(value, list) and all(_admits(typing.Any, item) for item in value))
+        )
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation in (str, bool):
+        return isinstance(value, annotation)
+    if origin in (list, tuple, Sequence):
+        item = args[0] if args else typing.Any
+        return isinstance(value, list) and all(_admits(item, entry) for entry in value)
+    return False

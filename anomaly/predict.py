@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from anomaly.allocator import keep_freed_memory_for_reuse
 from anomaly.calibration import Calibration
-from anomaly.data.datamodule import build_transform
-from anomaly.data.samples import DataError, list_images, read_image
+from anomaly.data.samples import list_images, read_image
+from anomaly.errors import DataError
 from anomaly.model_io import load_model
 from anomaly.train import CONFIG_DIR
 from anomaly.visualization import save_prediction
@@ -96,7 +96,7 @@ def predict(cfg: DictConfig, output_dir: Path) -> Path:
     if threshold is None:
         log.warning("The model has no calibrated threshold (trained with dataset.val_fraction=0) and "
                     "threshold= was not given: is_anomalous and masks are left empty.")  # fmt: skip
-    transform = build_transform(loaded.config.transform.image_size, loaded.config.transform.crop_size)
+    transform = loaded.preprocessing.transform()
     paths = resolve_inputs(str(cfg.input))
     loader = DataLoader(
         PredictionImages(paths, transform), batch_size=cfg.batch_size, num_workers=cfg.num_workers,

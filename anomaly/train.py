@@ -99,7 +99,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
-    save_model(model, cfg, output_dir / "model.safetensors", module.calibration)
+    model_config = OmegaConf.to_container(cfg.method.model, resolve=True)
+    path = output_dir / "model.safetensors"
+    save_model(model, cfg.method.name, model_config, datamodule.preprocessing, path, module.calibration)
 
     start = time.perf_counter()
     trainer.test(module, datamodule=datamodule, verbose=False)

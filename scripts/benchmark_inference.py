@@ -39,9 +39,7 @@ from anomaly.export import (
     Preprocess,
     export,
     generated_images,
-    load_run_config,
     resolve_input_size,
-    training_transform,
 )
 from anomaly.model_io import load_model
 from anomaly.train import train
@@ -125,8 +123,7 @@ def measure(
 def runtimes(model: Path, stem: Path, device: str, input_size: tuple[int, int], threads: int) -> dict:
     """``{runtime: function(uint8 batch)}`` on ``device``; the files are exported (and checked) for it."""
     loaded = load_model(model, device=device)
-    transform = training_transform(loaded.config, load_run_config(model / "model.safetensors"), model)
-    eager = ExportedModel(Preprocess(input_size, *transform), loaded.model).to(device).eval()
+    eager = ExportedModel(Preprocess(input_size, loaded.preprocessing), loaded.model).to(device).eval()
     traced = export_file(model, "torchscript", stem.with_name(f"{stem.name}-{device}.pt"), input_size, device)
     scripted = torch.jit.load(str(traced), map_location=device)
     result = {"pytorch": lambda x: eager(x.to(device)), "torchscript": lambda x: scripted(x.to(device))}
@@ -177,8 +174,8 @@ def main() -> None:
     rows = []
     for index, model in enumerate(models):
         loaded = load_model(model)
-        method = loaded.config.method.name
-        image_size = training_transform(loaded.config, load_run_config(model / "model.safetensors"), model)[0]
+        method = loaded.method
+        image_size = loaded.preprocessing.image_size
         input_size = resolve_input_size(args.input_size, image_size)
         del loaded
         for device in devices:

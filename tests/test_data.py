@@ -5,10 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from anomaly.data.datamodule import SampleDataset, build_transform, split_validation
+from anomaly.data.datamodule import SampleDataset, split_validation
 from anomaly.data.folder import Folder
 from anomaly.data.mvtec import MVTecAD
-from anomaly.data.samples import DataError, Sample, read_image
+from anomaly.data.preprocessing import Preprocessing
+from anomaly.data.samples import Sample, read_image
+from anomaly.errors import DataError
 
 
 def write_image(path: Path, size=(40, 30), value=128, mode="RGB") -> Path:
@@ -111,7 +113,7 @@ def test_image_and_mask_transforms_stay_aligned(tmp_path):
     Image.fromarray(image).save(tmp_path / "a.png")
     Image.fromarray(mask).save(tmp_path / "a_mask.png")
     dataset = SampleDataset(
-        [Sample(tmp_path / "a.png", 1, tmp_path / "a_mask.png", "square")], build_transform(64, 48)
+        [Sample(tmp_path / "a.png", 1, tmp_path / "a_mask.png", "square")], Preprocessing(64, 48).transform()
     )
     item = dataset[0]
     assert item["image"].shape == (3, 48, 48) and item["mask"].shape == (1, 48, 48)

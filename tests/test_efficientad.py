@@ -16,9 +16,9 @@ from conftest import SQUARE, run_training, score_test_set, smooth_images, with_s
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
-from anomaly.data.samples import DataError
 from anomaly.data.synthetic import SyntheticAD, generate_dataset
 from anomaly.distill import distill
+from anomaly.errors import DataError
 from anomaly.methods.efficientad.model import (
     AutoEncoder,
     EfficientAD,

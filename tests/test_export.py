@@ -18,7 +18,7 @@ from conftest import run_training
 from hydra import compose, initialize_config_dir
 from torchvision import tv_tensors
 
-from anomaly.data.datamodule import build_transform
+from anomaly.data.preprocessing import Preprocessing
 from anomaly.export import (
     CONFIG_DIR,
     FORMATS,
@@ -195,7 +195,7 @@ def test_exported_file_runs_without_the_anomaly_package(fmt, script, exported, t
 
     outputs = np.load(tmp_path / "out.npz")
     loaded = load_model(trained("patchcore"))  # the eager reference, built here independently
-    transform = build_transform(loaded.config.transform.image_size, loaded.config.transform.crop_size)
+    transform = loaded.preprocessing.transform()
     with torch.no_grad():
         expected = loaded.model(torch.stack([transform(tv_tensors.Image(image)) for image in images]))
     np.testing.assert_allclose(outputs["anomaly_map"], expected.anomaly_map.numpy(), **TOLERANCE)
@@ -218,10 +218,10 @@ def test_preprocessing_is_bit_exact_with_the_training_transform(input_size, imag
     images = torch.randint(
         0, 256, (2, 3, *input_size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
-    transform = build_transform(image_size, crop_size)
+    transform = Preprocessing(image_size, crop_size).transform()
     expected = torch.stack([transform(tv_tensors.Image(image)) for image in images]).as_subclass(torch.Tensor)
     torch.testing.assert_close(
-        Preprocess(input_size, image_size, crop_size)(images), expected, rtol=0, atol=0
+        Preprocess(input_size, Preprocessing(image_size, crop_size))(images), expected, rtol=0, atol=0
     )
 
 
@@ -240,14 +240,14 @@ def test_preprocessing_graph_is_bit_exact_and_refuses_other_inputs(fmt, tmp_path
     input_size, image_size, crop_size = (93, 130), 71, 63
     generator = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (3, 3, *input_size), dtype=torch.uint8, generator=generator)
-    module = ExportedModel(Preprocess(input_size, image_size, crop_size), Passthrough()).eval()
+    module = ExportedModel(Preprocess(input_size, Preprocessing(image_size, crop_size)), Passthrough()).eval()
     path = tmp_path / f"preprocess{FORMATS[fmt]}"
     if fmt == "onnx":
         export_onnx(module, images[:2], path, opset=18, dynamic_batch=True, metadata={})
     else:
         export_torchscript(module, images[:2], path, metadata={})
     run = load_exported(path, fmt, torch.device("cpu"))
-    transform = build_transform(image_size, crop_size)
+    transform = Preprocessing(image_size, crop_size).transform()
     expected = torch.stack([transform(tv_tensors.Image(image)) for image in images]).as_subclass(torch.Tensor)
     torch.testing.assert_close(run(images)[0], expected, rtol=0, atol=0)
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from anomaly.data.synthetic import SyntheticAD
 from anomaly.methods.simplenet.model import SimpleNet
 from anomaly.methods.simplenet.module import SimpleNetModule
-from anomaly.model_io import BACKBONE_PREFIX, load_model
+from anomaly.model_io import load_model
 
 FAST = {"adaptor_lr": 1e-3, "discriminator_lr": 2e-3}  # 10x the official rates: a few steps suffice
 
@@ -131,14 +131,14 @@ def test_corrupted_images_score_higher_than_training_images(trained):
 
 
 def test_save_and_reload_gives_identical_scores(trained, tmp_path):
-    state = {k: v.contiguous() for k, v in trained.state_dict().items() if not k.startswith(BACKBONE_PREFIX)}
+    state = {k: v.contiguous() for k, v in trained.state_dict().items() if not k.startswith("backbone.")}
     assert "discriminator.1.running_mean" in state and int(state["discriminator.1.num_batches_tracked"]) > 0
     save_file(state, str(tmp_path / "model.safetensors"))
 
     reloaded = make_model(TinyBackbone(), seed=123)  # a different init, overwritten by the file
     result = reloaded.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=False)
     assert not result.unexpected_keys
-    assert all(k.startswith(BACKBONE_PREFIX) for k in result.missing_keys)
+    assert all(k.startswith("backbone.") for k in result.missing_keys)
     images = with_square(smooth_images(4, seed=5))
     expected, actual = trained(images), reloaded.eval()(images)
     assert torch.equal(expected.anomaly_map, actual.anomaly_map)

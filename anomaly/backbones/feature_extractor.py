@@ -79,6 +79,7 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         spec = backbone_spec(name)
         self.layers = list(layers)
+        self.pretrained = weights is not None or weights_path is not None  # else random: nothing recreates it
         model = spec.build(weights, weights_path).eval()
         check_layers(name, self.layers, spec.fx.node_names(model)[1])
         self.body = spec.fx.create(model, self.layers)

@@ -15,10 +15,12 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
+from anomaly.errors import UserError
+
 StateDict = dict[str, Tensor]
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(UserError, RuntimeError):
     """Weights could not be obtained or do not fit the architecture."""
 
 

@@ -13,21 +13,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from anomaly.allocator import release_freed_memory
+from anomaly.data.preprocessing import Preprocessing
 from anomaly.data.samples import Sample, read_image, read_mask
-
-
-def build_transform(image_size: int | list[int], crop_size: int | None) -> v2.Compose:
-    """Resize (an int resizes the shorter side, [h, w] resizes exactly), then an optional centre crop.
-
-    Applied jointly to the image and its ``tv_tensors.Mask`` so both stay aligned (masks use nearest).
-    Images come out as float in [0, 1]: each backbone applies its own normalisation.
-    """
-    size = image_size if isinstance(image_size, int) else list(image_size)
-    steps: list[v2.Transform] = [v2.Resize(size, antialias=True)]
-    if crop_size is not None:
-        steps.append(v2.CenterCrop(crop_size))
-    steps.append(v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True))
-    return v2.Compose(steps)
 
 
 class SampleDataset(Dataset):
@@ -89,7 +76,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.transform = build_transform(image_size, crop_size)
+        self.preprocessing = Preprocessing(image_size, crop_size)
+        self.transform = self.preprocessing.transform()
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.val_fraction = val_fraction

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from anomaly.data.datamodule import AnomalyDataModule
-from anomaly.data.samples import DataError, Sample, list_images, require_dir
+from anomaly.data.samples import Sample, list_images, require_dir
+from anomaly.errors import DataError
 
 LAYOUT_HINT = "Expected <root>/good with normal images (see README, 'Your own images')."
 

@@ -7,7 +7,8 @@
 from pathlib import Path
 
 from anomaly.data.datamodule import AnomalyDataModule
-from anomaly.data.samples import DataError, Sample, list_images, require_dir
+from anomaly.data.samples import Sample, list_images, require_dir
+from anomaly.errors import DataError
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",

@@ -10,12 +10,10 @@ from torch import Tensor
 from torchcodec.decoders import decode_image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from anomaly.errors import DataError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 TORCHCODEC_DECODED = (".png", ".jpg", ".jpeg")  # 15 ms per 900x900 PNG against PIL's 23 ms (with convert)
-
-
-class DataError(RuntimeError):
-    """Missing, unreadable or inconsistent data; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)

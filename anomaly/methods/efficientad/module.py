@@ -17,7 +17,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from anomaly.data.samples import IMAGE_EXTENSIONS, DataError, read_image
+from anomaly.data.samples import IMAGE_EXTENSIONS, read_image
+from anomaly.errors import DataError
 from anomaly.methods.efficientad.model import EfficientAD
 from anomaly.methods.lightning import TrainedModule
 
