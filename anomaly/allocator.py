@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_MAX = -4
 _NEVER_TRIM = 2**31 - 1  # the largest value mallopt accepts (an int)
+_keeping_freed_memory = False  # set by keep_freed_memory_for_reuse(): only the entry points call it
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -43,13 +44,16 @@ def keep_freed_memory_for_reuse() -> bool:
     libc = _glibc()
     if libc is None:
         return False
+    global _keeping_freed_memory
     applied = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM) == 1
+    _keeping_freed_memory = _keeping_freed_memory or applied
     log.debug("glibc malloc keeps freed memory for reuse: %s", applied)
     return applied
 
 
 def release_freed_memory() -> None:
-    """Returns the heap's free pages to the OS (glibc's malloc_trim); does nothing elsewhere."""
+    """Returns the heap's free pages to the OS (glibc's malloc_trim) where
+    :func:`keep_freed_memory_for_reuse` made glibc keep them in this process; does nothing otherwise."""
     libc = _glibc()
-    if libc is not None:
+    if libc is not None and _keeping_freed_memory:
         libc.malloc_trim(0)

@@ -21,14 +21,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from anomaly.backbones import FeatureExtractor
+from anomaly.backbones import FeatureExtractor, PatchFeatures
 from anomaly.calibration import Calibration
 from anomaly.data.preprocessing import Preprocessing
 from anomaly.errors import ConfigError, ModelFileError
 from anomaly.methods import METHODS
 
 FORMAT_VERSION = 2
-COMPONENTS: dict[str, type[nn.Module]] = {"backbone": FeatureExtractor}  # constructor key -> its class
+COMPONENTS: dict[str, type[nn.Module]] = {  # constructor key -> the class built from the mapping there
+    "backbone": FeatureExtractor,
+    "features": PatchFeatures,
+}
 GOOD_FILE_HINT = (
     "Use the model.safetensors that anomaly-train wrote into its run dir, or re-run anomaly-train."
 )
@@ -93,7 +96,10 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     try:
         preprocessing = Preprocessing.from_dict(preprocessing_values)
         calibration = Calibration.from_dict(calibration_values)
-        model = _build(METHODS[method], config, f"{path}: method {method}")
+        cls = METHODS[method]
+        # values only training needs (EfficientAD's teacher file): the file holds their result
+        unused = {key: None for key in getattr(cls, "training_only_arguments", ()) if key in config}
+        model = _build(cls, {**config, **unused}, f"{path}: method {method}")
     except (ValueError, TypeError) as error:  # ConfigError, and the constructors' own checks
         raise ModelFileError(
             f"{path} holds values this version cannot use: {error}. {GOOD_FILE_HINT}"

@@ -2,12 +2,9 @@
 
 from pathlib import Path
 
-import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 from PIL import Image
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 from torch import Tensor
 
 
@@ -18,7 +15,8 @@ def save_heatmap(example: dict, path: Path, vmin: float, vmax: float) -> Path:
     does not look anomalous just because its own map was stretched to the full range.
     """
     image = _hwc(example["image"])
-    figure, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    figure = Figure(figsize=(9, 3.2))
+    axes = figure.subplots(1, 3)
     axes[0].imshow(image)
     axes[0].set_title("good" if example["label"] == 0 else "defective", fontsize=9)
     axes[1].imshow(example["mask"][0].numpy(), cmap="gray", vmin=0, vmax=1)
@@ -31,7 +29,6 @@ def save_heatmap(example: dict, path: Path, vmin: float, vmax: float) -> Path:
     figure.suptitle(Path(example["path"]).name, fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=80)
-    plt.close(figure)
     return path
 
 
@@ -68,7 +65,8 @@ def save_prediction(
     heat = anomaly_map.numpy()
     vmin = float(heat.min())
     vmax = max(threshold if threshold is not None else float(heat.max()), vmin + 1e-6)
-    figure, axes = plt.subplots(1, 2, figsize=(6, 3.2))
+    figure = Figure(figsize=(6, 3.2))
+    axes = figure.subplots(1, 2)
     axes[0].imshow(_hwc(image))
     axes[1].imshow(_hwc(image))
     axes[1].imshow(
@@ -80,6 +78,5 @@ def save_prediction(
         axis.axis("off")
     figure.tight_layout()
     figure.savefig(f"{stem}_overlay.png", dpi=80)
-    plt.close(figure)
     if threshold is not None:
         Image.fromarray(((heat >= threshold) * 255).astype(np.uint8)).save(f"{stem}_mask.png")

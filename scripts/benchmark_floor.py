@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from anomaly.backbones import FeatureExtractor
-from anomaly.data.samples import IMAGE_EXTENSIONS
+from anomaly.data.decode import IMAGE_EXTENSIONS
 
 
 class PilImages(Dataset):

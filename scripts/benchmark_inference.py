@@ -3,7 +3,7 @@
 Every runtime gets the same input, the exported models' contract: a batch of RGB uint8 images at the
 input size, preprocessing included (eager: the same ``ExportedModel`` wrapper, with the method's own
 k-NN backend, faiss for PatchCore on the CPU). The TorchScript and ONNX files are written by
-``anomaly.export.export``, the ``anomaly-export`` job, so each one has passed its parity check first.
+``anomaly.cli.export.export``, the ``anomaly-export`` job, so each one has passed its parity check first.
 
 Latency: batch 1, median of ``--runs`` timed runs after ``--warmup`` untimed ones. Throughput: images per
 second at each ``--batch-sizes`` entry, from the median of ``--throughput-runs`` batches. CUDA rows appear
@@ -33,16 +33,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from anomaly.allocator import keep_freed_memory_for_reuse
-from anomaly.export import (
-    CONFIG_DIR,
-    ExportedModel,
-    Preprocess,
-    export,
-    generated_images,
-    resolve_input_size,
-)
+from anomaly.cli.export import export, resolve_input_size
+from anomaly.cli.runtime import config_dir
+from anomaly.cli.train import train
+from anomaly.deploy.parity import generated_images
+from anomaly.deploy.preprocess import ExportedModel, Preprocess
 from anomaly.model_io import load_model
-from anomaly.train import train
 
 QUICK_TRAINING = {
     "simplenet": ["method.max_epochs=1"],
@@ -64,7 +60,7 @@ def train_tiny(method: str, workdir: Path) -> Path:
 
         torch.save(patch_description_network(384, "small").state_dict(), workdir / "teacher.pth")
         overrides.append(f"method.model.teacher_weights={workdir / 'teacher.pth'}")
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
@@ -82,7 +78,7 @@ def export_file(model: Path, fmt: str, output: Path, input_size: tuple[int, int]
         f"output={output}",
         f"input_size=[{input_size[0]},{input_size[1]}]",
     ]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return export(
             compose("export", overrides=[*overrides, f"device={device}", "num_parity_images=4"])
         ).path

@@ -50,9 +50,11 @@ from hydra.utils import get_class, instantiate
 from omegaconf import open_dict
 
 from anomaly.allocator import keep_freed_memory_for_reuse
+from anomaly.backbones import FeatureExtractor
+from anomaly.cli.runtime import config_dir
+from anomaly.cli.train import train
 from anomaly.methods.base import FitOnceModel
 from anomaly.metrics import Evaluator
-from anomaly.train import CONFIG_DIR, train
 
 
 def peak_rss_mb() -> float:
@@ -73,7 +75,7 @@ class Stopwatch:
 
 
 def compose_config(overrides: list[str], output_dir: Path):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
@@ -95,9 +97,10 @@ def time_stages(cfg) -> dict[str, float]:
         test_batches = list(datamodule.test_dataloader())
     model = instantiate(cfg.method.model).eval()
     all_images = [*train_batches, *(batch["image"] for batch in test_batches)]
+    backbone = next(module for module in model.modules() if isinstance(module, FeatureExtractor))
     with torch.inference_mode(), watch("backbone"):
         for images in all_images:
-            model.backbone(images)
+            backbone(images)
     unfolded = instantiate(cfg.backbone, fold_batch_norms=False)
     with torch.inference_mode(), watch("unfolded_backbone"):
         for images in all_images:
@@ -167,10 +170,10 @@ def time_trained_stages(cfg, train_steps: int, warmup: int) -> dict[str, float]:
     steps = warmup + train_steps
     timer = StepTimer(steps)
     trainer = instantiate(
-        cfg.trainer, max_steps=-1, max_epochs=-1, check_val_every_n_epoch=None, val_check_interval=steps,
-        logger=False, callbacks=[timer], enable_progress_bar=False, enable_model_summary=False,
+        cfg.trainer, max_steps=-1, max_epochs=-1, logger=False, callbacks=[timer], enable_progress_bar=False,
+        enable_model_summary=False,
     )  # fmt: skip
-    trainer.fit(module, datamodule=datamodule)  # validates after the last step: EfficientAD's quantiles
+    trainer.fit(module, datamodule=datamodule)  # finalize() after the last step: EfficientAD's quantiles
     if len(timer.seconds) < steps:
         raise ValueError(f"Only {len(timer.seconds)} training steps ran; {steps} were asked for.")
     device = next(model.parameters()).device

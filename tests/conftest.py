@@ -1,5 +1,9 @@
-"""Shared fixtures: a tiny random backbone with the FeatureExtractor interface."""
+"""Shared fixtures: a tiny random backbone, smooth test images with a pasted defect, small training runs.
 
+Helpers are fixtures (a fixture may return a function), never imported from this file.
+"""
+
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -10,50 +14,73 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from torch import Tensor, nn
 
+from anomaly.cli.runtime import config_dir
+from anomaly.cli.train import train
 from anomaly.metrics import Evaluator
-from anomaly.train import CONFIG_DIR, train
 
-IMAGE_SIZE = 64  # side of the synthetic test images below
+IMAGE_SIZE = 64  # side of the smooth test images
 SQUARE = (slice(20, 40), slice(24, 44))  # rows, columns of the pasted defect
 
 
-def smooth_images(count: int, seed: int) -> Tensor:
-    """``[count, 3, 64, 64]`` smooth noise in [0.3, 0.7]: the "normal" texture of the method tests."""
-    coarse = torch.rand(count, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
-    smooth = F.interpolate(coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-    return 0.3 + 0.4 * smooth
-
-
-def with_square(images: Tensor) -> Tensor:
-    """``images`` with a bright square pasted at ``SQUARE``: a defect the models never saw."""
-    defective = images.clone()
-    defective[:, :, SQUARE[0], SQUARE[1]] = 1.0
-    return defective
-
-
 class TinyBackbone(nn.Module):
-    """Three frozen random conv stages at strides 4/8/16 (8/12/16 channels)."""
+    """Three frozen random conv stages at strides 4/8/16 (8/12/16 channels); ``layers`` picks outputs."""
 
-    def __init__(self) -> None:
+    STRIDES, CHANNELS = {"stage1": 4, "stage2": 8, "stage3": 16}, {"stage1": 8, "stage2": 12, "stage3": 16}
+
+    def __init__(self, layers: Sequence[str] = ("stage1", "stage2", "stage3")) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.stage1 = nn.Sequential(nn.Conv2d(3, 8, 3, 4, 1), nn.ReLU())
         self.stage2 = nn.Sequential(nn.Conv2d(8, 12, 3, 2, 1), nn.ReLU())
         self.stage3 = nn.Sequential(nn.Conv2d(12, 16, 3, 2, 1), nn.ReLU())
-        self.layers = ["stage1", "stage2", "stage3"]
-        self.channels = [8, 12, 16]
-        self.strides = [4, 8, 16]
+        self.layers = list(layers)
+        self.channels = [self.CHANNELS[layer] for layer in self.layers]
+        self.strides = [self.STRIDES[layer] for layer in self.layers]
         self.requires_grad_(False)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         f1 = self.stage1(images)
         f2 = self.stage2(f1)
-        return {"stage1": f1, "stage2": f2, "stage3": self.stage3(f2)}
+        outputs = {"stage1": f1, "stage2": f2, "stage3": self.stage3(f2)}
+        return {layer: outputs[layer] for layer in self.layers}
 
 
-@pytest.fixture
-def tiny_backbone() -> TinyBackbone:
-    return TinyBackbone()
+@pytest.fixture(scope="session")
+def tiny_backbone() -> Callable[..., TinyBackbone]:
+    """``tiny_backbone(layers=...)``: a new TinyBackbone (same random weights every time)."""
+    return TinyBackbone
+
+
+@pytest.fixture(scope="session")
+def smooth_images() -> Callable[[int, int], Tensor]:
+    """``smooth_images(count, seed)``: ``[count, 3, 64, 64]`` smooth noise in [0.3, 0.7], the "normal"
+    texture of the method tests."""
+
+    def make(count: int, seed: int) -> Tensor:
+        coarse = torch.rand(count, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+        smooth = F.interpolate(coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+        return 0.3 + 0.4 * smooth
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def defect_square() -> tuple[slice, slice]:
+    """(rows, columns) where :func:`with_square` pastes its defect."""
+    return SQUARE
+
+
+@pytest.fixture(scope="session")
+def with_square() -> Callable[[Tensor], Tensor]:
+    """``with_square(images)``: the images with a bright square pasted at ``defect_square``: a defect the
+    models never saw."""
+
+    def paste(images: Tensor) -> Tensor:
+        defective = images.clone()
+        defective[:, :, SQUARE[0], SQUARE[1]] = 1.0
+        return defective
+
+    return paste
 
 
 SMALL_DATA = [
@@ -65,29 +92,45 @@ SMALL_DATA = [
     "dataset.num_workers=0",
     "dataset.batch_size=8",
     "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
 ]
 
 
-def run_training(tmp_path: Path, overrides: list[str]) -> tuple[dict, Path]:
-    """Runs anomaly-train's job on small generated data (shared by the tests of one session); returns
-    (metrics, run dir)."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[*SMALL_DATA, *overrides], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    output_dir = tmp_path / "run"
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.data_dir = str(tmp_path.parent / "shared-data")  # generated once per test session folder
-        del cfg.hydra  # as in a real run, where the job config has no hydra node
-    return train(cfg), output_dir
+@pytest.fixture(scope="session")
+def small_data_overrides() -> list[str]:
+    """Overrides for small generated data (16 train, 20 test images at 128 px), no progress bars."""
+    return list(SMALL_DATA)
 
 
-@torch.no_grad()
-def score_test_set(model: nn.Module, data) -> dict[str, float]:
-    """Metrics of ``model`` on the test split of ``data`` (a set-up data module), like the test loop."""
-    evaluator = Evaluator()
-    for batch in data.test_dataloader():
-        out = model(batch["image"])
-        evaluator.update(out.image_score, batch["label"], out.anomaly_map, batch["mask"])
-    return evaluator.compute()
+@pytest.fixture(scope="session")
+def run_training() -> Callable[[Path, list[str]], tuple[dict, Path]]:
+    """``run_training(tmp_path, overrides)``: anomaly-train's job on small generated data (generated once
+    per test session folder); returns (metrics, run dir)."""
+
+    def run(tmp_path: Path, overrides: list[str]) -> tuple[dict, Path]:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("train", overrides=[*SMALL_DATA, *overrides], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        output_dir = tmp_path / "run"
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+            cfg.paths.data_dir = str(tmp_path.parent / "shared-data")
+            del cfg.hydra  # as in a real run, where the job config has no hydra node
+        return train(cfg), output_dir
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def score_test_set() -> Callable:
+    """``score_test_set(model, data)``: metrics of ``model`` on the test split of a set-up data module,
+    computed like the test loop."""
+
+    @torch.no_grad()
+    def score(model: nn.Module, data) -> dict[str, float]:
+        evaluator = Evaluator()
+        for batch in data.test_dataloader():
+            out = model(batch["image"])
+            evaluator.update(out.image_score, batch["label"], out.anomaly_map, batch["mask"])
+        return evaluator.compute()
+
+    return score

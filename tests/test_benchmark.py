@@ -1,6 +1,6 @@
-"""Sweeps: the collector (results.csv, summary.md, report.html, the wandb table) on hand-written run dirs,
-and real multiruns through `python -m anomaly.train -m`: resume, fault isolation, the joblib and submitit
-launchers, an Optuna search. The real runs fit PaDiM on 64 px images, a few seconds each."""
+"""Sweeps: the collector (results.csv, summary.md, report.html, the wandb table) on hand-written run
+records, and real multiruns through `python -m anomaly.cli.train -m`: resume, fault isolation, the joblib and
+submitit launchers, an Optuna search. The real runs fit PaDiM on 64 px images, a few seconds each."""
 
 import csv
 import json
@@ -22,12 +22,13 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
-from anomaly.benchmark import finish_sweep, search_notes, write_reports
+from anomaly.cli.runtime import config_dir
 from anomaly.data.mvtec import MVTEC_CATEGORIES
 from anomaly.data.synthetic import ensure_dataset
-from anomaly.train import CONFIG_DIR
+from anomaly.reports.records import RunRecord
+from anomaly.reports.sweep import finish_sweep, search_notes, write_reports
 
-TARGETS = {"synthetic": "anomaly.data.synthetic.SyntheticAD", "mvtec": "anomaly.data.mvtec.MVTecAD"}
+CONFIG_DIR = config_dir()
 TINY_RUN = [
     "method=padim",
     "logger=csv",
@@ -54,25 +55,18 @@ def fake_run(
     error: str | None = None,
     overrides: tuple[str, ...] = (),
     dataset: str = "synthetic",
-    backbone: str = "efficientnet_lite0",
+    backbone: str | None = "efficientnet_lite0",
     wandb: bool = False,
+    status: str | None = None,
 ) -> Path:
-    """A run dir as train() leaves it: config.yaml, then metrics.json or error.json."""
+    """A run dir as train() leaves it: its run.json."""
     run_dir = sweep / name
-    (run_dir / ".hydra").mkdir(parents=True)
-    config = {
-        "method": {"name": method},
-        "backbone": {"name": backbone},
-        "dataset": {"_target_": TARGETS[dataset], "category": category},
-        "seed": seed,
-        "logger": {"wandb": {"project": "anomaly", "offline": True}} if wandb else {},
-    }
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"method={method}", *overrides]))
-    if metrics is not None:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    if error is not None:
-        (run_dir / "error.json").write_text(json.dumps({"error": error, "traceback": "..."}))
+    record = RunRecord(
+        method=method, backbone=backbone, dataset=dataset, category=category, seed=seed,
+        status=status or ("failed" if error else "ok"), variant=list(overrides), metrics=metrics or {},
+        error=error, wandb={"project": "anomaly", "offline": True} if wandb else None,
+    )  # fmt: skip
+    record.write(run_dir)
     return run_dir
 
 
@@ -119,7 +113,6 @@ def test_seeds_give_mean_and_std(tmp_path):
             category="fabric",
             seed=seed,
             metrics=scores(fabric),
-            overrides=(f"seed={seed}",),
         )
         fake_run(
             tmp_path,
@@ -127,7 +120,6 @@ def test_seeds_give_mean_and_std(tmp_path):
             category="tile",
             seed=seed,
             metrics=scores(tile),
-            overrides=(f"seed={seed}",),
         )
     write_reports(tmp_path)
     table = table_rows((tmp_path / "summary.md").read_text(), "image_auroc")
@@ -139,7 +131,7 @@ def test_seeds_give_mean_and_std(tmp_path):
 def test_swept_settings_are_not_averaged_as_seeds(tmp_path):
     """A coreset ratio sweep gives one column per ratio, not one column averaging the ratios."""
     for ratio, value in (("0.01", 0.8), ("0.1", 0.9)):
-        overrides = ("method=patchcore", f"method.model.coreset_ratio={ratio}", "dataset.n_train=8")
+        overrides = (f"method.model.coreset_ratio={ratio}", "dataset.n_train=8")  # the record's variant
         fake_run(tmp_path, ratio, method="patchcore", metrics=scores(value), overrides=overrides)
     rows, _, _ = write_reports(tmp_path)
     assert sorted(r["variant"] for r in rows) == ["coreset_ratio=0.01", "coreset_ratio=0.1"]
@@ -149,38 +141,30 @@ def test_swept_settings_are_not_averaged_as_seeds(tmp_path):
     assert "patchcore (efficientnet_lite0) [coreset_ratio=0.01]" in header and "n_train" not in header
 
 
-def test_repeated_runs_count_once_and_stale_or_broken_dirs_are_read_right(tmp_path):
+def test_repeated_runs_count_once_and_killed_or_foreign_dirs_are_read_right(tmp_path):
     old = fake_run(tmp_path, "old_logger", metrics=scores(0.5))
-    for file in ("config.yaml", "metrics.json"):
-        os.utime(old / file, (1, 1))
-    fake_run(
-        tmp_path, "new_logger", metrics=scores(0.9)
-    )  # the same combination again, e.g. with logger=wandb
-    stale = fake_run(
-        tmp_path, "stale", category="tile", metrics=scores(0.9), error="RuntimeError: retry failed"
-    )
-    (stale / "wandb" / "files").mkdir(parents=True)  # wandb's own config.yaml is not a run
-    (stale / "wandb" / "files" / "config.yaml").write_text("method:\n  value: {name: padim}\n")
-    early = tmp_path / "config_error"  # failed before config.yaml was written: Hydra's copy tells what it was
-    (early / ".hydra").mkdir(parents=True)
-    (early / ".hydra" / "config.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "method": {"name": "padim"},
-                "backbone": {"name": "resnet18"},
-                "seed": 0,
-                "dataset": {"_target_": TARGETS["mvtec"], "category": "screw", "root": "???"},
-            }
-        )
-    )
-    (early / "error.json").write_text(json.dumps({"error": "MissingMandatoryValue: dataset.root"}))
+    os.utime(old / "run.json", (1, 1))
+    fake_run(tmp_path, "new_logger", metrics=scores(0.9))  # the same combination again, e.g. logger=wandb
+    fake_run(tmp_path, "retried", category="tile", error="RuntimeError: retry failed")
+    fake_run(tmp_path, "killed", category="grid", status="running")  # died before writing its result
+    (tmp_path / "wandb" / "files").mkdir(parents=True)  # other tools' files are not runs
+    (tmp_path / "wandb" / "files" / "config.yaml").write_text("method:\n  value: {name: padim}\n")
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "run.json").write_text("{not json")
 
     rows, _, _ = write_reports(tmp_path)
     by_dir = {Path(r["run_dir"]).name: r for r in rows}
-    assert set(by_dir) == {"new_logger", "stale", "config_error"}
-    assert by_dir["stale"]["status"] == "failed"  # error.json of the latest attempt beats older metrics
-    assert by_dir["config_error"]["category"] == "screw" and by_dir["config_error"]["status"] == "failed"
+    assert set(by_dir) == {"new_logger", "retried", "killed"}
+    assert by_dir["retried"]["status"] == "failed" and "retry failed" in by_dir["retried"]["error"]
+    assert by_dir["killed"]["status"] == "failed" and "killed" in by_dir["killed"]["error"]
     assert "Ignored 1 older run(s)" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_method_without_a_backbone_is_labelled_without_one(tmp_path):
+    fake_run(tmp_path, "a", method="efficientad", backbone=None, metrics=scores(0.9))
+    rows, _, _ = write_reports(tmp_path)
+    assert rows[0]["backbone"] == ""
+    assert "| efficientad |" in (tmp_path / "summary.md").read_text()
 
 
 def test_paper_numbers_only_beside_comparable_runs(tmp_path):
@@ -294,7 +278,7 @@ def test_searches_tune_on_their_own_generated_data_and_warn_on_mvtec(search, tmp
 
 
 def anomaly_train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "anomaly.train", "-m", *TINY_RUN, *overrides]
+    command = [sys.executable, "-m", "anomaly.cli.train", "-m", *TINY_RUN, *overrides]
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -321,7 +305,7 @@ def test_submitit_sweep_resumes_and_skips_finished_runs(tmp_path, synthetic_root
     first = anomaly_train(tmp_path, *args, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
     assert first.returncode == 0, first.stdout + first.stderr
     assert (sweep / ".submitit").is_dir()
-    metrics = sorted(sweep.glob("*/metrics.json"))
+    metrics = sorted(sweep.glob("*/run.json"))
     assert len(metrics) == 2
     assert re.search(r"\| fabric \| \d+\.\d ± \d+\.\d \|", (sweep / "summary.md").read_text())
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in metrics}
@@ -383,10 +367,11 @@ def test_failures_are_isolated_reported_and_fail_the_command(failing_sweep):
     rows = {r["category"]: r for r in csv.DictReader((sweep / "results.csv").open())}
     assert rows["good_part"]["status"] == "ok" and float(rows["good_part"]["image_auroc"]) > 0.5
     assert rows["corrupt_part"]["status"] == "failed" and "001.png" in rows["corrupt_part"]["error"]
-    # read in a DataLoader worker: the record is the real error (file and fix), not the worker's wrapper
-    assert rows["corrupt_part"]["error"].startswith("anomaly.data.samples.DataError: Cannot read image")
+    # found by the data check before any work: the record names the file and the fix
+    assert rows["corrupt_part"]["error"].startswith("Data check of corrupt_part")
+    assert "unreadable image (1)" in rows["corrupt_part"]["error"]
     assert rows["missing_part"]["status"] == "failed" and "missing_part" in rows["missing_part"]["error"]
-    assert (sweep / "1_padim_corrupt_part" / "error.json").is_file()
+    assert "Traceback" in (sweep / "1_padim_corrupt_part" / "error.log").read_text()
     assert "2 failed" in (sweep / "summary.md").read_text()
     threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores, split between the 2 parallel jobs
     assert f"Torch CPU threads: {threads}" in (sweep / "0_padim_good_part" / "train.log").read_text()
@@ -412,7 +397,7 @@ def test_html_report_lists_runs_and_its_images_exist(failing_sweep):
     report.feed((sweep / "report.html").read_text())
     text = " ".join(report.cells)
     assert all(category in text for category in ("good_part", "corrupt_part", "missing_part"))
-    assert "failed: anomaly.data.samples.DataError" in text
+    assert "failed: Data check of corrupt_part" in text
     assert len(report.images) >= 5  # the metric plots and the good run's heatmaps
     assert all((sweep / unquote(src)).is_file() for src in report.images)
 

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from conftest import run_training
 
 from anomaly.calibration import fit_calibration, metrics_at_threshold
 from anomaly.model_io import load_model
@@ -25,7 +24,7 @@ def test_metrics_at_threshold_by_hand():
     assert metrics["false_alarm_rate"] == pytest.approx(1 / 2)
 
 
-def test_threshold_depends_on_normal_validation_images_only(tmp_path):
+def test_threshold_depends_on_normal_validation_images_only(tmp_path, run_training):
     """Two runs whose test sets differ (other defects, other labels) must get the same threshold,
     and it must be the quantile of the validation images' scores: fails if test data leaks in."""
     common = ["method=padim", "logger=none", "dataset.val_fraction=0.25", "threshold_quantile=0.9"]

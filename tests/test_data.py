@@ -5,11 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from anomaly.data.datamodule import SampleDataset, split_validation
+from anomaly.data.datamodule import split_validation
+from anomaly.data.dataset import ImageDataset
+from anomaly.data.decode import read_image
 from anomaly.data.folder import Folder
 from anomaly.data.mvtec import MVTecAD
 from anomaly.data.preprocessing import Preprocessing
-from anomaly.data.samples import Sample, read_image
+from anomaly.data.samples import Sample
 from anomaly.errors import DataError
 
 
@@ -63,13 +65,11 @@ def test_missing_mask_is_an_error_naming_the_expected_file(mvtec_root):
         MVTecAD(str(mvtec_root), "widget").setup()
 
 
-def test_corrupt_image_is_reported_by_file(mvtec_root):
-    bad = mvtec_root / "widget" / "train" / "good" / "002.png"
-    bad.write_bytes(b"not a png")
+def test_corrupt_image_is_reported_by_file_before_any_work(mvtec_root):
+    (mvtec_root / "widget" / "test" / "good" / "000.png").write_bytes(b"not a png")
     data = MVTecAD(str(mvtec_root), "widget", image_size=32, crop_size=None, num_workers=0)
-    data.setup()
-    with pytest.raises(DataError, match=r"002.png"):
-        list(data.train_dataloader())
+    with pytest.raises(DataError, match=r"(?s)unreadable image \(1\).*test/good/000.png"):
+        data.setup()  # listing and the data check, before any loader is built
 
 
 def test_read_image_gives_pils_rgb_pixels_for_every_format_and_scales_16_bit(tmp_path):
@@ -99,9 +99,8 @@ def test_read_image_gives_pils_rgb_pixels_for_every_format_and_scales_16_bit(tmp
 def test_mask_of_other_size_is_an_error_naming_both_files(mvtec_root):
     write_mask(mvtec_root / "widget" / "ground_truth" / "crack" / "000_mask.png", size=(41, 30))
     data = MVTecAD(str(mvtec_root), "widget", image_size=32, crop_size=None, num_workers=0)
-    data.setup()
-    with pytest.raises(DataError, match=r"000_mask.png.*crack/000.png"):
-        list(data.test_dataloader())
+    with pytest.raises(DataError, match=r"(?s)000_mask.png is 41x30 but its image .*crack/000.png is 40x30"):
+        data.setup()
 
 
 def test_image_and_mask_transforms_stay_aligned(tmp_path):
@@ -112,7 +111,7 @@ def test_image_and_mask_transforms_stay_aligned(tmp_path):
     mask[40:60, 30:50] = 255
     Image.fromarray(image).save(tmp_path / "a.png")
     Image.fromarray(mask).save(tmp_path / "a_mask.png")
-    dataset = SampleDataset(
+    dataset = ImageDataset(
         [Sample(tmp_path / "a.png", 1, tmp_path / "a_mask.png", "square")], Preprocessing(64, 48).transform()
     )
     item = dataset[0]
@@ -130,17 +129,20 @@ def test_validation_split_is_seeded_and_disjoint():
     assert split_validation(samples, 0.0, seed=0) == (samples, [])
 
 
-def test_folder_without_masks_has_no_pixel_ground_truth(tmp_path):
+def test_folder_with_some_masks_names_the_defective_images_without_one(tmp_path):
     for i in range(10):
         write_image(tmp_path / "good" / f"g{i}.png")
     for i in range(3):
         write_image(tmp_path / "defect" / f"d{i}.png")
-    write_mask(tmp_path / "mask" / "d0_mask.png")
+    write_mask(tmp_path / "mask" / "d0-mask.png")  # a labelling tool's naming: matched too
+    with pytest.raises(DataError, match=r"(?s)without its mask \(2\).*d1.png: expected .*mask/d1_mask.png"):
+        Folder(str(tmp_path), normal_test_fraction=0.2, num_workers=0).setup()
+    (tmp_path / "mask" / "d0-mask.png").unlink()  # no mask at all: image metrics only, no pixel metrics
     data = Folder(str(tmp_path), normal_test_fraction=0.2, num_workers=0)
     data.setup()
     assert len(data.train_samples) == 8
     assert sorted(s.label for s in data.test_samples) == [0, 0, 1, 1, 1]
-    assert not data.has_pixel_ground_truth()  # only d0 has a mask
+    assert not data.has_pixel_ground_truth()
 
 
 def test_folder_missing_normal_dir_names_it(tmp_path):

@@ -12,22 +12,21 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import SQUARE, run_training, score_test_set, smooth_images, with_square
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
+from anomaly.cli.distill import distill
+from anomaly.cli.runtime import config_dir
 from anomaly.data.synthetic import SyntheticAD, generate_dataset
-from anomaly.distill import distill
-from anomaly.errors import DataError
+from anomaly.errors import ConfigError, DataError
 from anomaly.methods.efficientad.model import (
     AutoEncoder,
     EfficientAD,
     _decoder_sizes,
     patch_description_network,
 )
-from anomaly.methods.efficientad.module import EfficientADModule, map_quantiles, teacher_channel_statistics
+from anomaly.methods.efficientad.module import EfficientADModule
 from anomaly.model_io import load_model
-from anomaly.train import CONFIG_DIR
 
 SIZE = 64  # test image side: the PDN grid is 8x8 here (56x56 at the paper's 256)
 
@@ -44,18 +43,17 @@ def teachers(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
-def with_teacher(teacher: str, model_size: str = "small") -> EfficientAD:
+def fitted_model(teacher: str, images: torch.Tensor, model_size: str = "small") -> EfficientAD:
+    """A model with teacher statistics and map quantiles taken on ``images`` (no training)."""
     model = EfficientAD(teacher_weights=teacher, model_size=model_size)
-    model.load_teacher_weights()
+    model.prepare([images])
+    model.eval().finalize([images])
     return model
 
 
-def fitted_model(teacher: str, images: torch.Tensor, model_size: str = "small") -> EfficientAD:
-    """A model with teacher statistics and map quantiles taken on ``images`` (no training)."""
-    model = with_teacher(teacher, model_size)
-    model.set_teacher_normalisation(*teacher_channel_statistics(model, [images]))
-    model.set_map_quantiles(*map_quantiles(model, [images]))
-    return model.eval()
+def map_quantiles(model: EfficientAD, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_a, q_b) of the ST and of the AE maps of ``images``, as finalize() takes them."""
+    return tuple(model.map_quantiles(maps) for maps in model.raw_maps(images))
 
 
 def test_pdn_and_autoencoder_grids_match_the_reference_at_256_px():
@@ -92,8 +90,8 @@ def test_output_shapes_and_losses(teachers, model_size):
 def test_loss_decreases_on_a_tiny_case(teachers):
     torch.manual_seed(0)
     images = torch.rand(1, 3, SIZE, SIZE)
-    model = with_teacher(teachers["small"])
-    model.set_teacher_normalisation(*teacher_channel_statistics(model, [images]))
+    model = EfficientAD(teacher_weights=teachers["small"])
+    model.prepare([images])
     parameters = [*model.student.parameters(), *model.autoencoder.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=1e-3)
     history = []
@@ -110,24 +108,26 @@ def test_loss_decreases_on_a_tiny_case(teachers):
     assert sum(h["loss"] for h in history[-3:]) / 3 < history[0]["loss"], history
 
 
-def test_corrupted_images_score_higher_than_training_images_after_short_training(teachers):
+def test_corrupted_images_score_higher_than_training_images_after_short_training(
+    teachers, smooth_images, with_square, defect_square
+):
     torch.manual_seed(0)
     normal = smooth_images(8, seed=0)
     defective = with_square(normal)  # a bright square: a region the student never saw
-    model = with_teacher(teachers["small"])
-    model.set_teacher_normalisation(*teacher_channel_statistics(model, [normal]))
+    model = EfficientAD(teacher_weights=teachers["small"])
+    model.prepare([normal])
     optimizer = torch.optim.Adam([*model.student.parameters(), *model.autoencoder.parameters()], lr=1e-3)
     for step in range(60):
         loss = model.training_loss(normal[step % 8 :: 8])["loss"]  # batch 1, as the paper
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model.set_map_quantiles(*map_quantiles(model, [smooth_images(4, seed=1)]))  # held-out normal images
-    model.eval()
+    model.eval().finalize([smooth_images(4, seed=1)])  # held-out normal images
     normal_scores, defect_scores = model(normal).image_score, model(defective).image_score
     assert defect_scores.min() > normal_scores.max(), (normal_scores, defect_scores)
     maps = model(defective).anomaly_map
-    assert maps[:, :, SQUARE[0], SQUARE[1]].mean() > maps[:, :, :, :16].mean()  # the map points at the square
+    inside = maps[:, :, defect_square[0], defect_square[1]].mean()
+    assert inside > maps[:, :, :, :16].mean()  # the map points at the square
 
 
 def small_data(tmp_path, **options) -> SyntheticAD:
@@ -140,11 +140,10 @@ def small_data(tmp_path, **options) -> SyntheticAD:
 
 
 def fit(model: EfficientAD, data: SyntheticAD, max_steps: int, **module_options) -> pl.Trainer:
-    # as configs/method/efficientad.yaml + configs/trainer/default.yaml: validate once, after the last step
+    # as configs/method/efficientad.yaml + configs/trainer/default.yaml
     trainer = pl.Trainer(
-        max_steps=max_steps, max_epochs=-1, check_val_every_n_epoch=None, val_check_interval=max_steps,
-        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu",
+        max_steps=max_steps, max_epochs=-1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
     )  # fmt: skip
     trainer.fit(EfficientADModule(model, max_steps=max_steps, **module_options), datamodule=data)
     return trainer
@@ -165,14 +164,14 @@ def test_map_quantiles_come_from_the_normal_validation_split_only(teachers, tmp_
     trainer = fit(model, data, max_steps=2, penalty_image_dir=str(penalty_images))
     assert "train/loss_penalty" in trainer.callback_metrics
 
-    val_images = torch.cat([batch["image"] for batch in data.val_dataloader()])
-    expected_st, expected_ae = map_quantiles(model, [val_images])  # one batch: equal up to float rounding
+    val_images = torch.cat([batch["image"] for batch in data.calibration_dataloader()])
+    expected_st, expected_ae = map_quantiles(model, val_images)  # one batch: equal up to float rounding
     assert torch.allclose(model.quantiles_st, expected_st, rtol=1e-4, atol=0)
     assert torch.allclose(model.quantiles_ae, expected_ae, rtol=1e-4, atol=0)
     # negative control: any other image set (here the test images, defects included) gives other quantiles
     monkeypatch.undo()
     test_images = torch.cat([batch["image"] for batch in data.test_dataloader()])
-    leaked_st, _ = map_quantiles(model, [torch.cat([val_images, test_images])])
+    leaked_st, _ = map_quantiles(model, torch.cat([val_images, test_images]))
     assert not torch.allclose(leaked_st, expected_st, rtol=1e-2, atol=0)
 
 
@@ -193,7 +192,7 @@ def test_state_dict_round_trip_gives_identical_scores(teachers, tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
 
     # built around another teacher: the file must carry teacher, statistics and quantiles
-    reloaded = with_teacher(teachers["small_other"])
+    reloaded = EfficientAD(teacher_weights=teachers["small_other"])
     reloaded.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
     reloaded.eval()
     assert torch.equal(reloaded(images).image_score, model(images).image_score)
@@ -201,22 +200,22 @@ def test_state_dict_round_trip_gives_identical_scores(teachers, tmp_path):
 
 
 def test_missing_or_wrong_teacher_fails_naming_the_ways_to_get_one(teachers, tmp_path):
-    with pytest.raises(ValueError, match="teacher_weights") as error:
+    with pytest.raises(ConfigError, match="teacher_weights") as error:
         EfficientADModule(EfficientAD())  # what anomaly-train builds: fails before reading any data
     assert "anomaly-distill-teacher" in str(error.value)
-    with pytest.raises(RuntimeError, match="random teacher"):  # pure torch use cannot skip it either
-        EfficientAD().set_teacher_normalisation(torch.zeros(384), torch.ones(384))
-    with pytest.raises(FileNotFoundError, match=r"nowhere\.pth"):
-        with_teacher(str(tmp_path / "nowhere.pth"))
-    with pytest.raises(ValueError, match=r"teacher_small\.pth.*medium"):
-        with_teacher(teachers["small"], model_size="medium")
+    with pytest.raises(ConfigError, match="never trained from a random one"):  # pure torch use cannot either
+        EfficientAD().prepare([torch.rand(1, 3, SIZE, SIZE)])
+    with pytest.raises(ConfigError, match=r"nowhere\.pth"):
+        EfficientAD(teacher_weights=str(tmp_path / "nowhere.pth"))
+    with pytest.raises(ConfigError, match=r"teacher_small\.pth.*medium"):
+        EfficientAD(teacher_weights=teachers["small"], model_size="medium")
     (tmp_path / "text.pth").write_text("not a state dict")
-    with pytest.raises(ValueError, match=r"text\.pth"):
-        with_teacher(str(tmp_path / "text.pth"))
+    with pytest.raises(ConfigError, match=r"text\.pth"):
+        EfficientAD(teacher_weights=str(tmp_path / "text.pth"))
 
 
 def compose_distill(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("distill", overrides=overrides)
 
 
@@ -236,19 +235,19 @@ def distilled(tmp_path_factory) -> list[str]:
 def test_distill_resumes_and_writes_a_loadable_teacher(distilled, caplog):
     cfg = compose_distill([*distilled, "steps=3"])
     assert torch.load(cfg.checkpoint, weights_only=True)["step"] == 2
-    with caplog.at_level(logging.INFO, logger="anomaly.distill"):
+    with caplog.at_level(logging.INFO, logger="anomaly.cli.distill"):
         output = distill(cfg)
     assert "at step 2" in caplog.text  # resumed, not restarted
     checkpoint = torch.load(cfg.checkpoint, weights_only=True)
     assert checkpoint["step"] == 3
-    model = with_teacher(str(output))
+    model = EfficientAD(teacher_weights=str(output))
     for key, value in checkpoint["pdn"].items():
         assert torch.equal(model.teacher.state_dict()[key], value)
     with pytest.raises(ValueError, match="resume=false"):
         distill(compose_distill([*distilled, "steps=4", "model_size=medium"]))
 
 
-def test_end_to_end_detects_generated_defects_and_reloads(distilled, tmp_path):
+def test_end_to_end_detects_generated_defects_and_reloads(distilled, tmp_path, run_training, score_test_set):
     teacher = next(o for o in distilled if o.startswith("output=")).removeprefix("output=")
     metrics, output_dir = run_training(
         tmp_path,

@@ -14,29 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_training
 from hydra import compose, initialize_config_dir
 from torchvision import tv_tensors
 
+from anomaly.cli.export import export, main, parity_images
+from anomaly.cli.runtime import config_dir
 from anomaly.data.preprocessing import Preprocessing
-from anomaly.export import (
-    CONFIG_DIR,
-    FORMATS,
-    METADATA_KEY,
-    ExportedModel,
-    Preprocess,
-    export,
-    export_onnx,
-    export_torchscript,
-    load_exported,
-    main,
-    parity_batches,
-    parity_images,
-)
+from anomaly.deploy.formats import FORMATS, METADATA_KEY, export_onnx, export_torchscript, load_exported
+from anomaly.deploy.parity import parity_batches
+from anomaly.deploy.preprocess import ExportedModel, Preprocess
 from anomaly.methods.base import AnomalyOutput
 from anomaly.model_io import load_model
 
-METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
+METHODS = sorted(p.stem for p in (config_dir() / "method").glob("*.yaml"))
 SIZE = 64  # training image side
 TRAINING = {  # the fewest steps that give a fitted model; parity does not need a good one
     "simplenet": ["method.max_epochs=1"],
@@ -63,12 +53,12 @@ def one_thread():
 
 
 def compose_export(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("export", overrides=overrides)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, run_training):
     """``trained(method, *overrides)`` -> run dir of a briefly trained model (each once per module)."""
     runs: dict[tuple[str, ...], Path] = {}
 
@@ -118,7 +108,7 @@ def test_export_passes_its_parity_check(method, fmt, exported, trained):
     assert result.path.is_file()
     assert not list(result.path.parent.glob(".*partial"))  # the staging folder is gone
     assert result.parity.failures == 0
-    assert "images from" in result.parity_images  # the training data set's images (still on disk)
+    assert "images from the run's test set" in result.parity_images  # its run.json names them
     square = method in INPUT_SIZES
     assert result.output_size == ((SIZE, SIZE) if square else (SIZE, SIZE * NON_SQUARE[1] // NON_SQUARE[0]))
     assert result.input_shape == ["batch", 3, *INPUT_SIZES.get(method, NON_SQUARE)]
@@ -177,7 +167,8 @@ print(files["anomaly_export.json"].decode())
 )
 def test_exported_file_runs_without_the_anomaly_package(fmt, script, exported, trained, tmp_path):
     result = exported("patchcore", fmt)
-    images = parity_images(compose_export(["model=x", "num_parity_images=3"]), None, tuple(NON_SQUARE))[0]
+    cfg = compose_export(["model=x", "num_parity_images=3"])
+    images = parity_images(cfg, tmp_path / "model.safetensors", tuple(NON_SQUARE))[0]
     np.save(tmp_path / "images.npy", images.numpy())
     arguments = [str(result.path), str(tmp_path / "images.npy"), str(tmp_path / "out.npz")]
     process = subprocess.run(
@@ -258,7 +249,7 @@ def test_preprocessing_graph_is_bit_exact_and_refuses_other_inputs(fmt, tmp_path
 
 def test_parity_images_fall_back_to_generated_ones_and_resize_files(tmp_path):
     cfg = compose_export(["model=x", "num_parity_images=4"])
-    images, description = parity_images(cfg, None, (40, 56))  # no run config: no data set to read
+    images, description = parity_images(cfg, tmp_path / "model.safetensors", (40, 56))  # no run.json there
     assert description == "generated images"
     assert images.shape == (4, 3, 40, 56) and images.dtype == torch.uint8
     assert images.float().std() > 20  # varied content, not a flat image
@@ -269,7 +260,7 @@ def test_parity_images_fall_back_to_generated_ones_and_resize_files(tmp_path):
     Image.fromarray(np.zeros((30, 20, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.full((40, 56), 200, dtype=np.uint8)).save(tmp_path / "b.png")  # grayscale
     images, description = parity_images(
-        compose_export(["model=x", f"parity_images={tmp_path}"]), None, (40, 56)
+        compose_export(["model=x", f"parity_images={tmp_path}"]), tmp_path / "model.safetensors", (40, 56)
     )
     assert description == f"images from {tmp_path}"
     assert images.shape == (2, 3, 40, 56)

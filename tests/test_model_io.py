@@ -124,6 +124,7 @@ def test_damaged_or_foreign_files_name_the_path_and_the_fix(tmp_path, damage):
         load_model(path)
 
 
+@pytest.mark.filterwarnings("ignore:backbone resnet18 is randomly initialised")
 def test_a_fitted_model_round_trips_with_preprocessing_and_calibration(tmp_path):
     backbone = FeatureExtractor(**BACKBONE)  # random init: its weights must then be stored too
     model = Padim(backbone, n_features=20, seed=3)
@@ -144,6 +145,7 @@ def test_a_fitted_model_round_trips_with_preprocessing_and_calibration(tmp_path)
     assert torch.equal(expected.anomaly_map, actual.anomaly_map)
 
 
+@pytest.mark.filterwarnings("ignore:backbone resnet18 is randomly initialised")
 def test_saving_refuses_a_class_the_loader_would_not_build(tmp_path):
     model = Padim(FeatureExtractor(**BACKBONE), n_features=20)
     config = {"_target_": "anomaly.methods.patchcore.model.PatchCore", "backbone": BACKBONE}

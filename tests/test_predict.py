@@ -2,17 +2,16 @@ import csv
 import shutil
 
 import pytest
-from conftest import run_training
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from anomaly.cli.predict import predict
 from anomaly.model_io import load_model
-from anomaly.predict import predict
 
 
 @pytest.fixture(scope="module")
-def fitted_run(tmp_path_factory):
+def fitted_run(tmp_path_factory, run_training):
     tmp_path = tmp_path_factory.mktemp("predict")
     _, run_dir = run_training(tmp_path, ["method=padim", "logger=none"])
     return run_dir

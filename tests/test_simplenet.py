@@ -9,18 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import (
-    IMAGE_SIZE,
-    SQUARE,
-    TinyBackbone,
-    run_training,
-    score_test_set,
-    smooth_images,
-    with_square,
-)
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from anomaly.backbones.patch_features import PatchFeatures
 from anomaly.data.synthetic import SyntheticAD
 from anomaly.methods.simplenet.model import SimpleNet
 from anomaly.methods.simplenet.module import SimpleNetModule
@@ -33,14 +25,8 @@ def make_model(backbone: torch.nn.Module, seed: int = 0) -> SimpleNet:
     """The tiny backbone's features spread ~0.008 per dimension (Lite0's: ~2), so the noise is scaled
     down to that spread, as the official 0.015 is to WideResNet50's features."""
     torch.manual_seed(seed)
-    return SimpleNet(
-        backbone,
-        pre_embed_dim=64,
-        target_embed_dim=64,
-        discriminator_hidden=64,
-        noise_std=0.008,
-        blur_sigma=2.0,
-    )
+    features = PatchFeatures(backbone, pre_embed_dim=64, target_embed_dim=64)
+    return SimpleNet(features, discriminator_hidden=64, noise_std=0.008, blur_sigma=2.0)
 
 
 def ids(optimiser: torch.optim.Optimizer) -> set[int]:
@@ -73,15 +59,15 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def trained() -> SimpleNet:
+def trained(tiny_backbone, smooth_images) -> SimpleNet:
     """A tiny SimpleNet trained on smooth normal images (fast learning rates: few steps)."""
-    model = make_model(TinyBackbone())
+    model = make_model(tiny_backbone())
     train(model, smooth_images(16, seed=0), steps=150, **FAST)
     return model.eval()
 
 
-def test_shapes_loss_keys_and_deterministic_eval(tiny_backbone):
-    model = make_model(tiny_backbone)
+def test_shapes_loss_keys_and_deterministic_eval(tiny_backbone, smooth_images):
+    model = make_model(tiny_backbone())
     images = smooth_images(2, seed=1)
     losses = model.train().training_loss(images)
     assert set(losses) == {"loss", "loss_true", "loss_fake", "p_true", "p_fake"}
@@ -89,15 +75,16 @@ def test_shapes_loss_keys_and_deterministic_eval(tiny_backbone):
     assert torch.allclose(losses["loss"], losses["loss_true"] + losses["loss_fake"])
     model.eval()
     first, second = model(images), model(images)
-    assert first.anomaly_map.shape == (2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    assert first.anomaly_map.shape == (2, 1, *images.shape[-2:])
     assert first.image_score.shape == (2,)
     assert torch.equal(first.anomaly_map, second.anomaly_map)
     assert torch.equal(first.image_score, second.image_score)
 
 
-def test_backbone_stays_frozen_and_optimisers_split_the_trained_parameters(tiny_backbone):
-    model = make_model(tiny_backbone)
-    before = {k: v.clone() for k, v in tiny_backbone.state_dict().items()}
+def test_backbone_stays_frozen_and_optimisers_split_the_trained_parameters(tiny_backbone, smooth_images):
+    backbone = tiny_backbone()
+    model = make_model(backbone)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
     adaptor, discriminator = SimpleNetModule(
         model, adaptor_lr=1e-4, discriminator_lr=2e-4, discriminator_weight_decay=1e-5
     ).configure_optimizers()
@@ -108,44 +95,46 @@ def test_backbone_stays_frozen_and_optimisers_split_the_trained_parameters(tiny_
     assert ids(discriminator) == {id(p) for p in model.discriminator.parameters()}
     assert {id(p) for p in model.parameters() if p.requires_grad} == ids(adaptor) | ids(discriminator)
 
-    tiny_backbone.requires_grad_(True)  # even so, no gradient may reach it: features come under no_grad
+    backbone.requires_grad_(True)  # even so, no gradient may reach it: features come under no_grad
     train(model, smooth_images(4, seed=0), steps=2)
-    assert all(torch.equal(v, before[k]) for k, v in tiny_backbone.state_dict().items())
-    assert all(p.grad is None for p in tiny_backbone.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+    assert all(p.grad is None for p in backbone.parameters())
 
 
-def test_loss_decreases(tiny_backbone):
-    losses = train(make_model(tiny_backbone), smooth_images(8, seed=0), steps=30, **FAST)
+def test_loss_decreases(tiny_backbone, smooth_images):
+    losses = train(make_model(tiny_backbone()), smooth_images(8, seed=0), steps=30, **FAST)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
 
 
-def test_corrupted_images_score_higher_than_training_images(trained):
+def test_corrupted_images_score_higher_than_training_images(
+    trained, smooth_images, with_square, defect_square
+):
     normal = smooth_images(16, seed=0)
     normal_scores = trained(normal).image_score
     defect_scores = trained(with_square(normal)).image_score
     assert defect_scores.min() > normal_scores.max(), (normal_scores, defect_scores)
     maps = trained(with_square(normal)).anomaly_map
-    inside = maps[:, :, SQUARE[0], SQUARE[1]].mean()
+    inside = maps[:, :, defect_square[0], defect_square[1]].mean()
     outside = maps[:, :, :, :16].mean()  # the columns left of the square
     assert inside > outside
 
 
-def test_save_and_reload_gives_identical_scores(trained, tmp_path):
-    state = {k: v.contiguous() for k, v in trained.state_dict().items() if not k.startswith("backbone.")}
+def test_save_and_reload_gives_identical_scores(trained, tiny_backbone, smooth_images, with_square, tmp_path):
+    state = {k: v.contiguous() for k, v in trained.state_dict().items() if ".backbone." not in k}
     assert "discriminator.1.running_mean" in state and int(state["discriminator.1.num_batches_tracked"]) > 0
     save_file(state, str(tmp_path / "model.safetensors"))
 
-    reloaded = make_model(TinyBackbone(), seed=123)  # a different init, overwritten by the file
+    reloaded = make_model(tiny_backbone(), seed=123)  # a different init, overwritten by the file
     result = reloaded.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=False)
     assert not result.unexpected_keys
-    assert all(k.startswith("backbone.") for k in result.missing_keys)
+    assert all(".backbone." in k for k in result.missing_keys)
     images = with_square(smooth_images(4, seed=5))
     expected, actual = trained(images), reloaded.eval()(images)
     assert torch.equal(expected.anomaly_map, actual.anomaly_map)
     assert torch.equal(expected.image_score, actual.image_score)
 
 
-def test_end_to_end_detects_generated_defects_logs_losses_and_reloads(tmp_path):
+def test_end_to_end_detects_generated_defects_logs_losses_and_reloads(tmp_path, run_training, score_test_set):
     """Batch 4 and 30 epochs: SimpleNet needs optimiser steps (here 120), unlike the fit-once methods."""
     epochs = 30
     metrics, output_dir = run_training(

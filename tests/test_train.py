@@ -3,16 +3,16 @@
 import json
 
 import pytest
-from conftest import run_training as run
-from conftest import score_test_set
 
 from anomaly.data.synthetic import SyntheticAD
 from anomaly.model_io import load_model
 
 
 @pytest.mark.parametrize("method", ["padim", "patchcore"])
-def test_method_detects_generated_defects_and_reloads_identically(tmp_path, method):
-    metrics, output_dir = run(tmp_path, [f"method={method}", "logger=csv"])
+def test_method_detects_generated_defects_and_reloads_identically(
+    tmp_path, method, run_training, score_test_set
+):
+    metrics, output_dir = run_training(tmp_path, [f"method={method}", "logger=csv"])
     assert metrics["image_auroc"] > 0.85, metrics
     assert metrics["pixel_auroc"] > 0.85, metrics
     assert metrics["pixel_aupro"] > 0.6, metrics
@@ -32,7 +32,7 @@ def test_method_detects_generated_defects_and_reloads_identically(tmp_path, meth
         assert reloaded[key] == pytest.approx(metrics[key], abs=1e-6)
 
 
-def test_broken_scoring_is_caught(tmp_path, monkeypatch):
+def test_broken_scoring_is_caught(tmp_path, monkeypatch, run_training):
     """Negative control: the same run with inverted scores must fall far below the thresholds above."""
     from anomaly.methods.padim.model import Padim
 
@@ -40,11 +40,13 @@ def test_broken_scoring_is_caught(tmp_path, monkeypatch):
     monkeypatch.setattr(
         Padim, "forward", lambda self, x: type(forward(self, x))(*(-t for t in forward(self, x)))
     )
-    metrics, _ = run(tmp_path, ["method=padim", "logger=none"])
+    metrics, _ = run_training(tmp_path, ["method=padim", "logger=none"])
     assert metrics["image_auroc"] < 0.3 and metrics["pixel_auroc"] < 0.3
 
 
-def test_wandb_offline_run_is_written(tmp_path):
-    metrics, output_dir = run(tmp_path, ["method=padim", "logger=wandb", "method.model.n_features=50"])
+def test_wandb_offline_run_is_written(tmp_path, run_training):
+    metrics, output_dir = run_training(
+        tmp_path, ["method=padim", "logger=wandb", "method.model.n_features=50"]
+    )
     assert list((output_dir / "wandb").glob("offline-run-*")), "no offline wandb run written"
     assert metrics["image_auroc"] > 0.85

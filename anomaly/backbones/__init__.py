@@ -2,6 +2,7 @@
 
 from anomaly.backbones.efficientnet_lite import LITE_VARIANTS, PACKAGED_WEIGHTS, map_lite_keys
 from anomaly.backbones.feature_extractor import BACKBONES, BackboneSpec, FeatureExtractor
+from anomaly.backbones.patch_features import PatchFeatures
 from anomaly.backbones.weights import BackboneWeightsError
 
 __all__ = [
@@ -11,5 +12,6 @@ __all__ = [
     "BackboneSpec",
     "BackboneWeightsError",
     "FeatureExtractor",
+    "PatchFeatures",
     "map_lite_keys",
 ]

@@ -1,47 +1,28 @@
-"""The Lightning data module shared by every data source: transforms, splits and loaders.
+"""The Lightning data module shared by every data source: checks, splits, preprocessing and loaders.
 
-A source (MVTec AD, the user's folder, generated data) only says which files are train and
-test samples. Everything else — aligned image/mask transforms, a normal-only validation split
-carved from train, batching — is here, once.
+A source (MVTec AD, the user's folder, generated data) only says which files are train and test
+samples, and which files it saw and did not use. Everything else is here, once: every file checked
+before any work, the counts logged, a normal-only validation split carved from train, the
+:class:`Preprocessing` that the model file records, batching.
 """
+
+import logging
+from collections import Counter
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torch.utils.data import DataLoader
 
 from anomaly.allocator import release_freed_memory
+from anomaly.data.check import Problem, check_samples, problem_report
+from anomaly.data.dataset import ImageDataset
 from anomaly.data.preprocessing import Preprocessing
-from anomaly.data.samples import Sample, read_image, read_mask
+from anomaly.data.samples import Sample, SkippedFile
+from anomaly.errors import ConfigError, DataError
 
-
-class SampleDataset(Dataset):
-    """Reads samples into ``{"image": [3,H,W] float, "mask": [1,H,W] uint8, "label", "path"}``."""
-
-    def __init__(self, samples: list[Sample], transform: v2.Compose) -> None:
-        self.samples = samples
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        image = tv_tensors.Image(read_image(sample.image_path))
-        height, width = image.shape[-2:]
-        if sample.mask_path is None:
-            mask = torch.zeros(1, height, width, dtype=torch.uint8)
-        else:
-            mask = read_mask(sample.mask_path, sample.image_path, (width, height))
-        image, mask = self.transform(image, tv_tensors.Mask(mask))
-        return {
-            "image": image.as_subclass(Tensor),
-            "mask": mask.as_subclass(Tensor),
-            "label": sample.label,
-            "path": str(sample.image_path),
-        }
+log = logging.getLogger(__name__)
+BAD_FILE_POLICIES = ("error", "skip")
+SHOWN_SKIPPED = 5
 
 
 class TrimmedForkDataLoader(DataLoader):
@@ -58,33 +39,45 @@ class TrimmedForkDataLoader(DataLoader):
 
 
 class AnomalyDataModule(pl.LightningDataModule):
-    """Base data module; subclasses implement :meth:`load_samples`.
+    """Base data module; subclasses implement :meth:`load_samples` and :attr:`name`.
 
     ``val_fraction`` moves that share of the (normal) training images into a validation split used
-    for calibration only; the test set is never used to fit anything.
+    for calibration only; the test set is never used to fit anything. ``on_bad_file``: ``"error"``
+    stops before any work when a file fails the data check (all problems listed); ``"skip"`` leaves
+    those samples out and lists them (:attr:`bad_files`, and the run's metrics.json).
     """
 
     def __init__(
         self,
         image_size: int | list[int] = 256,
-        crop_size: int | None = 224,
+        crop_size: int | list[int] | None = 224,
         batch_size: int = 32,
         num_workers: int = 2,
         val_fraction: float = 0.0,
         seed: int = 0,
+        on_bad_file: str = "error",
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigError(f"dataset.val_fraction must be in [0, 1), got {val_fraction}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"dataset.batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"dataset.num_workers must be an int >= 0, got {num_workers!r}")
+        if on_bad_file not in BAD_FILE_POLICIES:
+            raise ConfigError(f"dataset.on_bad_file must be one of {BAD_FILE_POLICIES}, got {on_bad_file!r}")
         self.preprocessing = Preprocessing(image_size, crop_size)
         self.transform = self.preprocessing.transform()
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.seed = seed
+        self.on_bad_file = on_bad_file
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
         self.test_samples: list[Sample] = []
+        self.skipped: list[SkippedFile] = []  # seen and not used: other extensions, hidden files, ...
+        self.bad_files: list[Problem] = []  # failed the data check and left out (on_bad_file=skip)
 
     @property
     def name(self) -> str:
@@ -92,14 +85,49 @@ class AnomalyDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def load_samples(self) -> tuple[list[Sample], list[Sample]]:
-        """Returns (train samples, all normal; test samples)."""
+        """Returns (train samples, all normal; test samples); appends unused files to ``self.skipped``."""
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
+        """Lists and checks every file (once), then splits; raises DataError naming every bad file."""
         if self.train_samples:
             return
-        train, self.test_samples = self.load_samples()
+        train, test = self.load_samples()
+        problems = check_samples([*train, *test], description=f"Checking {self.name}")
+        if problems and self.on_bad_file == "error":
+            raise DataError(
+                problem_report(problems, self.name, len(train) + len(test))
+                + "\nFix these files, or pass dataset.on_bad_file=skip to leave them out (they are then "
+                "listed in the run's metrics.json)."
+            )
+        if problems:
+            log.warning("%s\nLeaving these samples out (dataset.on_bad_file=skip).",
+                        problem_report(problems, self.name, len(train) + len(test)))  # fmt: skip
+            bad = {problem.sample for problem in problems}
+            train = [sample for sample in train if sample not in bad]
+            test = [sample for sample in test if sample not in bad]
+            self.bad_files = problems
+        if not train:
+            raise DataError(f"No usable training images in {self.name}.")
+        self.test_samples = test
         self.train_samples, self.val_samples = split_validation(train, self.val_fraction, self.seed)
+        log.info(self.summary())
+
+    def summary(self) -> str:
+        """Counts per split and what was not used, for the log."""
+        test = Counter(sample.label for sample in self.test_samples)
+        masks = sum(sample.mask_path is not None for sample in self.test_samples)
+        lines = [
+            f"Data {self.name}: train {len(self.train_samples)} images, validation {len(self.val_samples)}, "
+            f"test {len(self.test_samples)} ({test[0]} good, {test[1]} defective, {masks} masks)"
+        ]
+        if self.skipped:
+            shown = ", ".join(f"{f.path} ({f.reason})" for f in self.skipped[:SHOWN_SKIPPED])
+            more = (
+                f" and {len(self.skipped) - SHOWN_SKIPPED} more" if len(self.skipped) > SHOWN_SKIPPED else ""
+            )
+            lines.append(f"  not used: {len(self.skipped)} file(s): {shown}{more}")
+        return "\n".join(lines)
 
     def has_pixel_ground_truth(self) -> bool:
         """Pixel metrics need a mask for every defective test image."""
@@ -109,7 +137,7 @@ class AnomalyDataModule(pl.LightningDataModule):
     def _loader(self, samples: list[Sample], shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
         return TrimmedForkDataLoader(
-            SampleDataset(samples, self.transform),
+            ImageDataset(samples, self.transform),
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
@@ -121,7 +149,9 @@ class AnomalyDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_samples, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def calibration_dataloader(self) -> DataLoader:
+        """The held-out normal images (validation split): thresholds and EfficientAD's map quantiles.
+        Not named ``val_dataloader``: Lightning never validates during fitting here."""
         return self._loader(self.val_samples, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:

@@ -2,9 +2,10 @@
 
 ``<root>/<normal_dir>``: good images (training, and a held-out share for testing unless
 ``normal_test_dir`` is given); ``<root>/<abnormal_dir>``: defective images (test only);
-``<root>/<mask_dir>``: masks matched to defective images by file stem (``<stem>.png`` or
-``<stem>_mask.png``). Without defective images there is no image AUROC; without masks there
-are no pixel metrics — both are skipped with a note, never faked.
+``<root>/<mask_dir>``: masks matched to defective images by file stem (``<stem>_mask.png``,
+``<stem>-mask.png`` or ``<stem>.png``). Without defective images there is no image AUROC; without
+any mask there are no pixel metrics (both are skipped with a note, never faked); with some masks,
+every defective image needs one (the data check names those without).
 """
 
 from pathlib import Path
@@ -12,10 +13,10 @@ from pathlib import Path
 import torch
 
 from anomaly.data.datamodule import AnomalyDataModule
-from anomaly.data.samples import Sample, list_images, require_dir
+from anomaly.data.samples import Sample, SkippedFile, find_mask, list_images, require_dir
 from anomaly.errors import DataError
 
-LAYOUT_HINT = "Expected <root>/good with normal images (see README, 'Your own images')."
+LAYOUT_HINT = "Expected <root>/good with normal images (see README, 'Your data')."
 
 
 class Folder(AnomalyDataModule):
@@ -42,14 +43,16 @@ class Folder(AnomalyDataModule):
         return self.root.name
 
     def load_samples(self) -> tuple[list[Sample], list[Sample]]:
-        normal = list_images(require_dir(self.root / self.normal_dir, "Folder of normal images", LAYOUT_HINT))
+        normal_dir = require_dir(self.root / self.normal_dir, "Folder of normal images", LAYOUT_HINT)
+        normal = list_images(normal_dir, self.skipped)
         if self.normal_test_dir is None:
             train_paths, test_good = self._hold_out(normal)
         else:
             train_paths = normal
-            test_good = list_images(require_dir(self.root / self.normal_test_dir, "Normal test folder", ""))
+            test_dir = require_dir(self.root / self.normal_test_dir, "Normal test folder", LAYOUT_HINT)
+            test_good = list_images(test_dir, self.skipped)
         if not train_paths:
-            raise DataError(f"No training images in {self.root / self.normal_dir}. {LAYOUT_HINT}")
+            raise DataError(f"No training images in {normal_dir}. {LAYOUT_HINT}")
         train = [Sample(p, 0, None, "good") for p in train_paths]
         test = [Sample(p, 0, None, "good") for p in test_good] + self._defective()
         return train, test
@@ -65,11 +68,19 @@ class Folder(AnomalyDataModule):
         )
 
     def _defective(self) -> list[Sample]:
+        """Defective samples; with any mask present, each gets its mask or the path it should have."""
         if self.abnormal_dir is None or not (self.root / self.abnormal_dir).is_dir():
             return []
         mask_dir = self.root / self.mask_dir if self.mask_dir else None
-        masks: dict[str, Path] = {}
+        masks = {}
         if mask_dir is not None and mask_dir.is_dir():
-            for path in list_images(mask_dir):
-                masks[path.stem.removesuffix("_mask")] = path
-        return [Sample(p, 1, masks.get(p.stem), "defect") for p in list_images(self.root / self.abnormal_dir)]
+            masks = {path.stem: path for path in list_images(mask_dir, self.skipped)}
+        samples = []
+        for path in list_images(self.root / self.abnormal_dir, self.skipped):
+            mask = find_mask(masks, path) or (mask_dir / f"{path.stem}_mask.png" if masks else None)
+            samples.append(Sample(path, 1, mask, "defect"))
+        used = {sample.mask_path for sample in samples}
+        self.skipped += [
+            SkippedFile(p, "mask without a defective image") for p in masks.values() if p not in used
+        ]
+        return samples

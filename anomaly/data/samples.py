@@ -1,68 +1,75 @@
-"""A data set is a table of samples; reading one turns bad files into errors that name them."""
+"""A data set is a table of samples; listing a folder records every file it does not use, and why."""
 
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
-from torch import Tensor
-from torchcodec.decoders import decode_image
-from torchvision.transforms.v2.functional import pil_to_tensor
-
+from anomaly.data.decode import IMAGE_EXTENSIONS
 from anomaly.errors import DataError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-TORCHCODEC_DECODED = (".png", ".jpg", ".jpeg")  # 15 ms per 900x900 PNG against PIL's 23 ms (with convert)
+MASK_SUFFIXES = ("_mask", "-mask", "")  # <stem>_mask.png, <stem>-mask.png or <stem>.png, in this order
 
 
 @dataclass(frozen=True)
 class Sample:
     image_path: Path
     label: int  # 0 = good, 1 = defective
-    mask_path: Path | None  # None: no pixel ground truth (all good images, or a folder without masks)
+    mask_path: Path | None  # None: no pixel ground truth (good images, or a folder without masks)
     defect_type: str  # "good" or the defect folder name
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files of a folder in sorted (deterministic) order."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file a data source saw and did not use; listed in the run's log, never dropped in silence."""
+
+    path: Path
+    reason: str
 
 
-def read_image(path: Path | str) -> Tensor:
-    """Reads an image as a ``[3, H, W]`` uint8 RGB tensor (grey replicated, alpha dropped).
-
-    PNG and JPEG go through torchcodec's decoders, which also scale 16-bit PNGs to 8 bits (PIL would
-    clip them); BMP and TIFF through PIL.
-    """
-    path = Path(path)
-    try:
-        if path.suffix.lower() in TORCHCODEC_DECODED:
-            return decode_image(path, mode="RGB")
-        with Image.open(path) as image:
-            return pil_to_tensor(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError, RuntimeError) as error:
-        raise DataError(
-            f"Cannot read image {path}: {error}. Replace the file with a valid image or delete it."
-        ) from error
+def list_images(folder: Path, skipped: list[SkippedFile] | None = None) -> list[Path]:
+    """Image files of ``folder``, sorted (deterministic). Everything else is appended to ``skipped``:
+    hidden files, other extensions, sub-folders. A broken link with an image name is listed, so that
+    the data check reports it instead of it vanishing from the counts."""
+    images = []
+    for path in sorted(folder.iterdir()):
+        reason = _not_an_image(path)
+        if reason is None:
+            images.append(path)
+        elif skipped is not None:
+            skipped.append(SkippedFile(path, reason))
+    return images
 
 
-def read_mask(path: Path, image_path: Path, image_size: tuple[int, int]) -> Tensor:
-    """Reads a ground-truth mask as a ``[1, H, W]`` uint8 tensor of 0/1; it must match its image's
-    ``(width, height)``."""
-    try:
-        with Image.open(path) as mask:
-            mask = mask.convert("L")
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise DataError(
-            f"Cannot read mask {path} (for {image_path}): {error}. Replace or delete it."
-        ) from error
-    if mask.size != image_size:
-        raise DataError(
-            f"Mask {path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
-            f"{image_size[0]}x{image_size[1]}: a mask must have its image's size. Fix or remove the pair."
+def list_images_recursive(folder: Path, excluded_folders: tuple[str, ...] = ()) -> list[Path]:
+    """Image files anywhere under ``folder`` (sorted), except hidden ones and those below a sub-folder
+    named in ``excluded_folders``: a folder of generic images (penalty images, distillation, samples)."""
+    if not folder.is_dir():
+        raise DataError(f"Image folder {folder} does not exist: pass a folder of images.")
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if _not_an_image(path) is None
+        and not any(
+            part.startswith(".") or part in excluded_folders for part in path.relative_to(folder).parts
         )
-    return torch.from_numpy((np.asarray(mask) > 127).astype(np.uint8))[None]
+    )
+
+
+def _not_an_image(path: Path) -> str | None:
+    if path.name.startswith("."):
+        return "hidden file"
+    if path.is_dir():
+        return "folder"
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image extension ({path.suffix or 'none'}; read: {' '.join(IMAGE_EXTENSIONS)})"
+    return None
+
+
+def find_mask(masks: dict[str, Path], image_path: Path) -> Path | None:
+    """The mask of ``image_path`` among ``masks`` (file name stem -> path), by :data:`MASK_SUFFIXES`."""
+    for suffix in MASK_SUFFIXES:
+        if (mask := masks.get(image_path.stem + suffix)) is not None:
+            return mask
+    return None
 
 
 def require_dir(path: Path, what: str, fix: str) -> Path:

@@ -1,19 +1,23 @@
-"""The contract every method implements.
+"""The contracts every method implements.
 
-A method is a pure torch ``nn.Module`` (no Lightning, Hydra or file I/O) that maps a batch of
-normalised images ``[B, 3, H, W]`` to an :class:`AnomalyOutput`. How it learns differs:
+A method is a pure torch ``nn.Module`` (no Lightning, Hydra or file I/O) whose ``forward(images)`` maps
+a batch of images ``[B, 3, H, W]`` in [0, 1] to an :class:`AnomalyOutput`, deterministically in eval
+mode. How it learns is one of two contracts:
 
-* fit-once methods (PaDiM, PatchCore) implement :class:`FitOnceModel`: ``collect(images)`` is called
-  for every training batch, then ``fit()`` once; no gradient is ever taken.
-* trained methods (SimpleNet, EfficientAD) implement ``training_loss(images)`` and are optimised
-  by a Lightning module.
+* :class:`FitOnceModel` (PaDiM, PatchCore): ``collect(images)`` for every training batch, then
+  ``fit()`` once; no gradient is ever taken.
+* :class:`TrainedModel` (SimpleNet, EfficientAD): ``training_loss(images)`` is minimised by the
+  optimisers its Lightning module names; ``prepare(batches)`` runs before the first step (on training
+  images) and ``finalize(batches)`` after the last (on held-out normal images), both optional.
 
-Fitted state lives in buffers, so ``state_dict()`` is the whole model file. Buffers whose shape is
-only known after fitting are registered empty with :func:`register_fitted_buffer`; loading a state
-dict then resizes them instead of failing on the shape mismatch.
+Fitted state lives in buffers, so ``state_dict()`` is the whole model file. Buffers whose shape is only
+known after fitting are registered empty with :func:`register_fitted_buffer`; loading a state dict then
+resizes them instead of failing on the shape mismatch. The Lightning glue for both contracts is in
+:mod:`anomaly.methods.lightning`.
 """
 
-from typing import NamedTuple
+from collections.abc import Iterable
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +30,54 @@ class AnomalyOutput(NamedTuple):
     image_score: Tensor  # [B]
 
 
+class AnomalyModel(nn.Module):
+    """What both contracts share: scoring, the fitted state, and export."""
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether ``forward`` can score (all fitted buffers set)."""
+        raise NotImplementedError
+
+    def forward(self, images: Tensor) -> AnomalyOutput:
+        raise NotImplementedError
+
+    def use_graph_safe_ops(self) -> None:
+        """Switches to operations that tracing and ``torch.export`` capture, with the same values (e.g.
+        PatchCore's pure-torch k-NN instead of faiss). Called by ``anomaly-export`` on its own copy."""
+
+
+class FitOnceModel(AnomalyModel):
+    """Fitted in one pass over normal images, without an optimiser."""
+
+    def collect(self, images: Tensor) -> None:
+        """Extracts what ``fit`` needs from one training batch ``[B, 3, H, W]``."""
+        raise NotImplementedError
+
+    def fit(self) -> None:
+        """Turns everything collected into the fitted state (buffers); frees the collection."""
+        raise NotImplementedError
+
+
+class TrainedModel(AnomalyModel):
+    """Trained by gradient steps on ``training_loss``."""
+
+    # constructor values needed to train but not to rebuild a trained model from its file (which holds
+    # their result, e.g. EfficientAD's teacher weights): a loaded model gets None for them
+    training_only_arguments: ClassVar[tuple[str, ...]] = ()
+
+    def training_loss(self, images: Tensor) -> dict[str, Tensor]:
+        """The losses of a batch of normal images; the total, which is minimised, under ``"loss"``."""
+        raise NotImplementedError
+
+    def prepare(self, batches: Iterable[Tensor]) -> None:
+        """Before the first step: statistics over the training images (batches ``[B, 3, H, W]``)."""
+
+    def finalize(self, batches: Iterable[Tensor]) -> None:
+        """After the last step: what scoring needs from held-out normal images (never test images)."""
+
+
 def register_fitted_buffer(module: nn.Module, name: str) -> None:
-    """Registers an empty buffer that ``fit()`` fills and ``load_state_dict`` resizes."""
+    """Registers an empty buffer that fitting fills and ``load_state_dict`` resizes."""
     module.register_buffer(name, torch.empty(0))
     if not getattr(module, "_resizes_fitted_buffers", False):
         module._register_load_state_dict_pre_hook(_resize_fitted_buffers, with_module=True)
@@ -39,22 +89,3 @@ def _resize_fitted_buffers(module: nn.Module, state_dict: dict, prefix: str, *ar
         saved = state_dict.get(prefix + name)
         if saved is not None and saved.shape != buffer.shape:
             module._buffers[name] = torch.empty_like(saved, device=buffer.device)
-
-
-class FitOnceModel(nn.Module):
-    """Base for methods fitted in one pass over normal images (no optimiser)."""
-
-    def collect(self, images: Tensor) -> None:
-        """Extracts what ``fit`` needs from one training batch ``[B, 3, H, W]``."""
-        raise NotImplementedError
-
-    def fit(self) -> None:
-        """Turns everything collected into the fitted state (buffers); frees the collection."""
-        raise NotImplementedError
-
-    @property
-    def is_fitted(self) -> bool:
-        raise NotImplementedError
-
-    def forward(self, images: Tensor) -> AnomalyOutput:
-        raise NotImplementedError

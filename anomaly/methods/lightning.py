@@ -1,105 +1,78 @@
-"""Thin Lightning glue shared by all methods: scoring the test set, and fitting fit-once methods.
+"""Thin Lightning glue for the two contracts of :mod:`anomaly.methods.base`.
 
-The pure torch model does the work; these modules only feed it batches, collect metrics and keep a
-few examples for heatmaps. Trained methods add their own module with ``training_step`` and
-optimisers on top of :class:`AnomalyModule`.
+The pure torch model does the work; these modules only feed it batches. :class:`FitOnceModule` serves
+every fit-once method and :class:`TrainedModule` every trained one (a method's own module only names its
+optimisers). Scoring is shared: ``predict_step`` scores images (``anomaly-train`` calibrates its
+threshold on normal images this way, after fitting), ``test_step`` collects the test metrics.
 """
-
-import logging
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from anomaly.calibration import Calibration, fit_calibration
-from anomaly.methods.base import FitOnceModel
+from anomaly.methods.base import AnomalyModel, FitOnceModel, TrainedModel
 from anomaly.metrics import Evaluator
-
-log = logging.getLogger(__name__)
 
 
 class AnomalyModule(pl.LightningModule):
-    """Scores the test set; ``test_metrics`` and ``examples`` are read by the entry point afterwards."""
+    """Scores images; :attr:`test_metrics` and :attr:`examples` are read by the entry point afterwards.
 
-    def __init__(self, model: nn.Module, num_examples: int = 8, threshold_quantile: float = 0.99) -> None:
+    Before testing, the entry point sets :attr:`threshold` (calibrated on normal images, or None),
+    :attr:`example_ids` (test-set positions kept for heatmaps) and :attr:`pixel_metrics`.
+    """
+
+    def __init__(self, model: AnomalyModel, num_examples: int = 8) -> None:
         super().__init__()
         self.model = model
         self.num_examples = num_examples
-        self.threshold_quantile = threshold_quantile
-        self.calibration: Calibration | None = None
-        self._validation_scores: list[Tensor] = []
-        self.evaluator: Evaluator | None = None
+        self.threshold: float | None = None
+        self.example_ids: set[int] = set()
+        self.pixel_metrics = True
         self.test_metrics: dict[str, float] = {}
         self.examples: list[dict] = []
-        self._example_ids: set[int] = set()
+        self._evaluator: Evaluator | None = None
         self._seen = 0
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Scores normal validation images; their scores calibrate the threshold (never the test set)."""
-        self._validation_scores.append(self.model(batch["image"]).image_score.detach().float().cpu())
-
-    def on_validation_epoch_end(self) -> None:
-        scores = torch.cat(self._validation_scores) if self._validation_scores else torch.empty(0)
-        self._validation_scores = []
-        if len(scores) < 2:
-            count = len(scores)
-            log.warning("Only %d validation image(s): no threshold; raise dataset.val_fraction", count)
-            return
-        self.calibration = fit_calibration(scores, self.threshold_quantile)
-        self.log("val/threshold", self.calibration.threshold)
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        """Image scores ``[B]`` and anomaly maps ``[B, 1, H, W]``, on the CPU."""
+        output = self.model(batch["image"])
+        return {
+            "image_score": output.image_score.float().cpu(),
+            "anomaly_map": output.anomaly_map.float().cpu(),
+        }
 
     def on_test_start(self) -> None:
-        datamodule = self.trainer.datamodule
-        labels = {sample.label for sample in datamodule.test_samples}
-        self._image_metrics = labels == {0, 1}
-        if not self._image_metrics:
-            log.warning("Test set has only %s images: image and pixel metrics are skipped.", labels)
-        pixel = self._image_metrics and datamodule.has_pixel_ground_truth()
-        if self._image_metrics and not pixel:
-            log.warning("Not every defective test image has a mask: pixel metrics are skipped.")
-        self.evaluator = Evaluator(compute_pixel_metrics=pixel)
-        total = len(datamodule.test_samples)
-        count = min(self.num_examples, total)
-        self._example_ids = {round(i * (total - 1) / max(count - 1, 1)) for i in range(count)}
+        self._evaluator = Evaluator(compute_pixel_metrics=self.pixel_metrics)
         self.examples, self._seen = [], 0
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         output = self.model(batch["image"])
-        if self._image_metrics:
-            self.evaluator.update(output.image_score, batch["label"], output.anomaly_map, batch["mask"])
-        self._keep_examples(batch, output.anomaly_map, output.image_score)
-
-    def _keep_examples(self, batch: dict, maps: Tensor, scores: Tensor) -> None:
-        for i in range(len(scores)):
-            if self._seen + i in self._example_ids:
+        self._evaluator.update(output.image_score, batch["label"], output.anomaly_map, batch["mask"])
+        for i in range(len(output.image_score)):
+            if self._seen + i in self.example_ids:
                 self.examples.append(
                     {
                         "image": batch["image"][i].cpu(),
                         "mask": batch["mask"][i].cpu(),
-                        "anomaly_map": maps[i].float().cpu(),
-                        "score": float(scores[i]),
+                        "anomaly_map": output.anomaly_map[i].float().cpu(),
+                        "score": float(output.image_score[i]),
                         "label": int(batch["label"][i]),
                         "path": batch["path"][i],
                     }
                 )
-        self._seen += len(scores)
+        self._seen += len(output.image_score)
 
     def on_test_epoch_end(self) -> None:
-        threshold = self.calibration.threshold if self.calibration else None
-        self.test_metrics = self.evaluator.compute(threshold) if self._image_metrics else {}
-        self.evaluator = None
-        if self.test_metrics:
-            self.log_dict({f"test/{k}": v for k, v in self.test_metrics.items()})
+        self.test_metrics = self._evaluator.compute(self.threshold)
+        self._evaluator = None
+        self.log_dict({f"test/{k}": v for k, v in self.test_metrics.items()})
 
 
 class FitOnceModule(AnomalyModule):
-    """Feeds every training batch to ``model.collect`` for one epoch, then calls ``model.fit``.
+    """Feeds every training batch to ``model.collect`` for one epoch, then calls ``model.fit`` once."""
 
-    The normal validation split (if any) is scored afterwards to calibrate the threshold.
-    """
-
-    def __init__(self, model: FitOnceModel, num_examples: int = 8, threshold_quantile: float = 0.99) -> None:
-        super().__init__(model, num_examples, threshold_quantile)
+    def __init__(self, model: FitOnceModel, num_examples: int = 8) -> None:
+        super().__init__(model, num_examples)
         self.automatic_optimization = False
 
     def on_train_epoch_start(self) -> None:
@@ -109,24 +82,30 @@ class FitOnceModule(AnomalyModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         with torch.no_grad():
             self.model.collect(batch["image"])
-        if batch_idx == self.trainer.num_training_batches - 1:
-            self.model.fit()  # here, not in on_train_epoch_end: Lightning validates before that hook
 
-    def configure_optimizers(self) -> None:
-        return None
+    def on_train_epoch_end(self) -> None:
+        self.model.fit()
+
+    def configure_optimizers(self) -> list:
+        return []  # nothing is optimised
 
 
 class TrainedModule(AnomalyModule):
     """Optimises ``model.training_loss(images)`` (a dict with the total under ``"loss"``).
 
-    Manual optimisation, so methods with several optimisers (SimpleNet: adaptor and discriminator)
-    need no special casing: every optimiser and scheduler returned by ``configure_optimizers`` — which
-    each method's own module defines from plain config values — is stepped once per batch.
+    ``model.prepare`` gets the training images before the first step and ``model.finalize`` the held-out
+    normal images (the data module's ``calibration_dataloader``) after the last. Manual optimisation, so
+    methods with several optimisers (SimpleNet: adaptor and discriminator) need no special casing: every
+    optimiser and scheduler that ``configure_optimizers`` returns is stepped once per batch.
     """
 
-    def __init__(self, model: nn.Module, num_examples: int = 8, threshold_quantile: float = 0.99) -> None:
-        super().__init__(model, num_examples, threshold_quantile)
+    def __init__(self, model: TrainedModel, num_examples: int = 8) -> None:
+        super().__init__(model, num_examples)
         self.automatic_optimization = False
+
+    def on_train_start(self) -> None:
+        with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+            self.model.prepare(self._images(self.trainer.datamodule.train_dataloader()))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         optimizers = self.optimizers()
@@ -146,3 +125,14 @@ class TrainedModule(AnomalyModule):
     def training_losses(self, batch: dict) -> dict[str, Tensor]:
         """The losses of one batch; a method whose loss needs more than the batch's images overrides this."""
         return self.model.training_loss(batch["image"])
+
+    def on_train_end(self) -> None:
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+            self.model.finalize(self._images(self.trainer.datamodule.calibration_dataloader()))
+        self.model.train(was_training)
+
+    def _images(self, loader) -> object:
+        """The images of ``loader``'s batches, on this module's device."""
+        return (batch["image"].to(self.device) for batch in loader)

@@ -12,6 +12,7 @@ set through an explicit method, so ``state_dict()`` is the whole fitted model.
 """
 
 import itertools
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -19,10 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from anomaly.methods.base import AnomalyOutput, register_fitted_buffer
+from anomaly.backbones.feature_extractor import IMAGENET_MEAN, IMAGENET_STD
+from anomaly.errors import ConfigError, DataError
+from anomaly.methods.base import AnomalyOutput, TrainedModel, register_fitted_buffer
+from anomaly.methods.statistics import ChannelStatistics
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MODEL_SIZES = ("small", "medium")
 MAP_PAD = 4  # the reference pads the PDN-grid map by 4 cells before upsampling (56 + 8 = 64 at 256 px)
 TEACHER_HELP = (
@@ -70,7 +72,7 @@ def patch_description_network(out_channels: int, model_size: str, padding: bool 
             nn.ReLU(inplace=True),
             nn.Conv2d(out_channels, out_channels, kernel_size=1),
         )
-    raise ValueError(f"model_size must be one of {MODEL_SIZES}, got {model_size!r}")
+    raise ConfigError(f"model_size must be one of {MODEL_SIZES}, got {model_size!r}")
 
 
 class AutoEncoder(nn.Module):
@@ -113,19 +115,21 @@ def _decoder_sizes(image_size: torch.Size) -> list[tuple[int, int]]:
     return [tuple(max(1, side // div + add) for side in image_size) for div, add in steps]
 
 
-class EfficientAD(nn.Module):
+class EfficientAD(TrainedModel):
     """Teacher, student and autoencoder; ``forward`` gives the anomaly map and score of ``[0, 1]`` images.
 
     Args:
         teacher_weights: a PDN state dict file (published EfficientAD teacher or ``anomaly-distill-teacher``
-            output) for ``model_size``; required for training (see ``TEACHER_HELP``), read by
-            :meth:`load_teacher_weights`.
+            output) for ``model_size``, loaded here; required for training (see ``TEACHER_HELP``). A
+            saved model holds its teacher, so it is rebuilt without the file (``None``).
         model_size: ``"small"`` (EfficientAD-S) or ``"medium"`` (EfficientAD-M).
         out_channels: teacher (and autoencoder) channels; the student has twice as many (paper: 384).
         hard_quantile: the student-teacher loss averages the squared differences at or above this
             quantile (paper: 0.999).
         quantile_low, quantile_high: map quantiles on normal images mapped to 0 and 0.1 (paper: 0.9, 0.995).
     """
+
+    training_only_arguments = ("teacher_weights",)
 
     def __init__(
         self,
@@ -137,14 +141,17 @@ class EfficientAD(nn.Module):
         quantile_high: float = 0.995,
     ) -> None:
         super().__init__()
-        self.teacher_weights = teacher_weights
+        if not 0 < quantile_low < quantile_high < 1 or not 0 < hard_quantile < 1:
+            raise ConfigError(
+                "need 0 < quantile_low < quantile_high < 1 and 0 < hard_quantile < 1, got "
+                f"{quantile_low}, {quantile_high}, {hard_quantile}"
+            )
         self.model_size = model_size
         self.out_channels = out_channels
         self.hard_quantile = hard_quantile
         self.quantile_low = quantile_low
         self.quantile_high = quantile_high
         self.teacher = patch_description_network(out_channels, model_size).requires_grad_(False)
-        self.teacher_loaded = False  # set by load_teacher_weights(); a saved model carries its teacher
         self.student = patch_description_network(2 * out_channels, model_size)
         self.autoencoder = AutoEncoder(out_channels)
         self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -157,40 +164,43 @@ class EfficientAD(nn.Module):
         self.ae_augment = v2.RandomChoice(
             [v2.ColorJitter(brightness=0.2), v2.ColorJitter(contrast=0.2), v2.ColorJitter(saturation=0.2)]
         )
+        self.teacher_loaded = teacher_weights is not None  # never train on a random teacher
+        if teacher_weights is not None:
+            load_teacher(self.teacher, Path(teacher_weights), model_size)
 
-    def load_teacher_weights(self) -> None:
-        """Loads ``teacher_weights`` into the teacher; needed to train, not to reload a trained model.
-
-        Kept out of ``__init__`` so that a saved model (whose file holds the teacher) rebuilds on a machine
-        without the teacher file.
-        """
-        if not self.teacher_weights:
-            raise ValueError(TEACHER_HELP)
-        load_teacher(self.teacher, Path(self.teacher_weights), self.model_size)
-        self.teacher_loaded = True
-
-    def set_teacher_normalisation(self, mean: Tensor, std: Tensor) -> None:
-        """Per-channel mean and std ``[C]`` of the teacher's outputs on the training images."""
+    def prepare(self, batches: Iterable[Tensor]) -> None:
+        """The teacher's per-channel mean and std over all positions of the training images."""
         if not self.teacher_loaded:
-            raise RuntimeError("load_teacher_weights() must come first: never train on a random teacher")
+            raise ConfigError(TEACHER_HELP)
+        statistics = ChannelStatistics()
+        for images in batches:
+            statistics.update(self.teacher_features(images))
+        mean, std = statistics.compute()
         self.teacher_mean = mean.reshape(1, -1, 1, 1).to(self.image_mean)
         self.teacher_std = std.reshape(1, -1, 1, 1).to(self.image_mean)
+
+    def finalize(self, batches: Iterable[Tensor]) -> None:
+        """The map quantiles (q_a, q_b) of the ST and AE maps over held-out *normal* images."""
+        maps = [self.raw_maps(images) for images in batches]
+        if not maps:
+            raise DataError(
+                "EfficientAD normalises its maps with quantiles of held-out normal training images, but "
+                "there are none: set dataset.val_fraction > 0 (the method's defaults set 0.1; with few "
+                "training images make sure round(n_train * val_fraction) >= 1)."
+            )
+        quantiles = [self.map_quantiles(torch.cat(kind)) for kind in zip(*maps, strict=True)]
+        for name, (low, high) in zip(("student-teacher", "autoencoder"), quantiles, strict=True):
+            if not high > low:
+                raise DataError(
+                    f"The {name} map quantiles ({float(low):.4g}, {float(high):.4g}) do not increase: the "
+                    "held-out maps are (nearly) constant, so scores would not be defined. Train longer "
+                    "(method.max_steps) or hold out more normal images (dataset.val_fraction)."
+                )
+        self.quantiles_st, self.quantiles_ae = (q.reshape(2).to(self.image_mean) for q in quantiles)
 
     def map_quantiles(self, maps: Tensor) -> Tensor:
         """``[2]``: the (q_a, q_b) quantiles of raw maps ``[N, 1, h, w]`` (from :meth:`raw_maps`)."""
         return torch.stack([quantile(maps, self.quantile_low), quantile(maps, self.quantile_high)])
-
-    def set_map_quantiles(self, quantiles_st: Tensor, quantiles_ae: Tensor) -> None:
-        """Sets the ``[2]`` (q_a, q_b) of the ST and AE maps, taken on held-out *normal* images only."""
-        for name, (low, high) in (("student-teacher", quantiles_st), ("autoencoder", quantiles_ae)):
-            if not high > low:
-                raise ValueError(
-                    f"The {name} map quantiles ({float(low):.4g}, {float(high):.4g}) do not increase: the "
-                    "validation maps are (nearly) constant, so scores would not be defined. Train longer "
-                    "(method.max_steps) or hold out more normal images (dataset.val_fraction)."
-                )
-        self.quantiles_st = quantiles_st.reshape(2).to(self.image_mean)
-        self.quantiles_ae = quantiles_ae.reshape(2).to(self.image_mean)
 
     @property
     def has_teacher_normalisation(self) -> bool:
@@ -220,7 +230,7 @@ class EfficientAD(nn.Module):
         student from imitating the teacher outside the normal data.
         """
         if not self.has_teacher_normalisation:
-            raise RuntimeError("set_teacher_normalisation() must be called before training EfficientAD")
+            raise RuntimeError("prepare() must run on the training images before training EfficientAD")
         c = self.out_channels
         x_st = self.normalise_images(images)
         distance_st = (self._teacher_normalised(x_st) - self.student(x_st)[:, :c]) ** 2
@@ -276,11 +286,11 @@ def quantile(values: Tensor, q: float) -> Tensor:
 def load_teacher(teacher: nn.Sequential, path: Path, model_size: str) -> None:
     """Loads a PDN state dict (keys ``0.weight``, ``0.bias``, ...) with errors that name the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"Teacher weights {path} do not exist. {TEACHER_HELP}")
+        raise ConfigError(f"Teacher weights {path} do not exist. {TEACHER_HELP}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle/zip errors differ by torch version; all mean "not this format"
-        raise ValueError(
+        raise ConfigError(
             f"Cannot read teacher weights {path} as a torch state dict of tensors: {error}"
         ) from error
     expected = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
@@ -291,7 +301,7 @@ def load_teacher(teacher: nn.Sequential, path: Path, model_size: str) -> None:
         else {}
     )
     if found != expected:
-        raise ValueError(
+        raise ConfigError(
             f"Teacher weights {path} do not fit the {model_size} PDN (model_size={model_size!r}). "
             f"Expected {expected}; the file has {found or type(state).__name__}. Use a teacher distilled "
             f"for model_size={model_size!r} with out_channels={out_channels}."

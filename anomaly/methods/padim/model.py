@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anomaly.errors import ConfigError
 from anomaly.methods.base import AnomalyOutput, FitOnceModel, register_fitted_buffer
 from anomaly.methods.postprocess import upsample_and_blur
 
@@ -36,7 +37,12 @@ class Padim(FitOnceModel):
         self.backbone = backbone
         total = sum(backbone.channels)
         if not 0 < n_features <= total:
-            raise ValueError(f"n_features must be in [1, {total}] (the layers' channels), got {n_features}")
+            raise ConfigError(f"n_features must be in [1, {total}] (the layers' channels), got {n_features}")
+        if covariance_epsilon < 0 or blur_sigma < 0 or position_block < 1:
+            raise ConfigError(
+                "covariance_epsilon and blur_sigma must be >= 0 and position_block >= 1, got "
+                f"{covariance_epsilon}, {blur_sigma}, {position_block}"
+            )
         generator = torch.Generator().manual_seed(seed)
         # sorted, so each layer's channels can be picked before upsampling (the distance ignores order)
         selected = torch.randperm(total, generator=generator)[:n_features].sort().values

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from anomaly.errors import ConfigError
+
 _PROJECTION_CHUNK_ROWS = 65536
 
 
@@ -33,10 +35,13 @@ class ApproximateGreedyCoreset:
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
     ) -> None:
-        if ratio <= 0:
-            raise ValueError(f"coreset ratio must be > 0, got {ratio}")
+        if not 0 < ratio <= 1:
+            raise ConfigError(f"coreset_ratio must be in (0, 1] (1 keeps every patch), got {ratio}")
+        if projection_dim < 1 or num_starting_points < 1:
+            raise ConfigError(f"projection_dim and num_starting_points must be >= 1, got {projection_dim}, "
+                              f"{num_starting_points}")  # fmt: skip
         if dtype not in (torch.float32, torch.float16):
-            raise ValueError(f"coreset dtype must be float32 or float16, got {dtype}")
+            raise ConfigError(f"coreset dtype must be float32 or float16, got {dtype}")
         self.ratio = ratio
         self.projection_dim = projection_dim
         self.num_starting_points = num_starting_points
@@ -44,15 +49,15 @@ class ApproximateGreedyCoreset:
         self.seed = seed
 
     def num_selected(self, num_points: int) -> int:
-        """``int(N * ratio)``, at least 1; a ratio of 1 or more keeps all N."""
-        if self.ratio >= 1:
+        """``int(N * ratio)``, at least 1; a ratio of 1 keeps all N."""
+        if self.ratio == 1:
             return num_points
         return max(1, int(num_points * self.ratio))
 
     def select(self, features: Tensor) -> Tensor:
         """Coreset indices ``[n]`` of ``features [N, D]`` (int64, in selection order, same device)."""
         num_points = len(features)
-        if self.ratio >= 1:
+        if self.ratio == 1:
             return torch.arange(num_points, device=features.device)
         generator = torch.Generator().manual_seed(self.seed)
         points = random_projection(features, self.projection_dim, generator, self.dtype)

@@ -6,9 +6,10 @@ it is far from its nearest bank entry.
 """
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from anomaly.backbones.patch_features import PatchFeatures
+from anomaly.errors import ConfigError
 from anomaly.methods.base import AnomalyOutput, FitOnceModel, register_fitted_buffer
 from anomaly.methods.patchcore.coreset import ApproximateGreedyCoreset
 from anomaly.methods.patchcore.nearest_neighbors import KNN_BACKENDS, FaissKnn, TorchKnn, build_index
@@ -21,14 +22,8 @@ class PatchCore(FitOnceModel):
     """Memory bank of locally aware patch features, scored by nearest-neighbour distance.
 
     Args:
-        backbone: frozen feature extractor; ``forward(images) -> {layer: [B, C, h, w]}`` in the order of
-            ``backbone.layers``, the first layer being the finest (its grid is the patch grid).
-        pre_embed_dim: each layer's flattened ``C·p·p`` patch is average-pooled to this length;
-            ``None``: to the layer's ``C`` (the plain p×p neighbourhood mean; ``aggregate_patch_features``).
-        target_embed_dim: the concatenated layers are average-pooled to this length (the bank's D);
-            ``None``: kept concatenated.
-        patch_size: side p of the neighbourhood aggregated around each position (odd).
-        coreset_ratio: fraction of training patches kept in the bank (1 keeps all).
+        features: the locally aware patch features of a frozen backbone (official: layer2+3, 3×3, 1024).
+        coreset_ratio: fraction of training patches kept in the bank, in (0, 1] (1 keeps all).
         projection_dim, num_starting_points, coreset_dtype, seed: see :class:`ApproximateGreedyCoreset`.
         num_neighbors: a patch's score is its mean distance to this many nearest bank entries.
         reweight: scale the image score by the paper's Eq. 7 (off in the official code and by default).
@@ -39,10 +34,7 @@ class PatchCore(FitOnceModel):
 
     def __init__(
         self,
-        backbone: nn.Module,
-        pre_embed_dim: int | None = 1024,
-        target_embed_dim: int | None = 1024,
-        patch_size: int = 3,
+        features: PatchFeatures,
         coreset_ratio: float = 0.1,
         projection_dim: int = 128,
         num_starting_points: int = 10,
@@ -55,16 +47,14 @@ class PatchCore(FitOnceModel):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if patch_size < 1 or patch_size % 2 == 0:
-            raise ValueError(f"patch_size must be odd and positive, got {patch_size}")
         if coreset_dtype not in _CORESET_DTYPES:
-            raise ValueError(f"coreset_dtype must be one of {list(_CORESET_DTYPES)}, got {coreset_dtype!r}")
+            raise ConfigError(f"coreset_dtype must be one of {list(_CORESET_DTYPES)}, got {coreset_dtype!r}")
         if knn_backend not in KNN_BACKENDS:
-            raise ValueError(f"knn_backend must be one of {KNN_BACKENDS}, got {knn_backend!r}")
-        self.backbone = backbone
-        self.pre_embed_dim = pre_embed_dim
-        self.target_embed_dim = target_embed_dim
-        self.patch_size = patch_size
+            raise ConfigError(f"knn_backend must be one of {KNN_BACKENDS}, got {knn_backend!r}")
+        if num_neighbors < 1 or reweight_neighbors < 1:
+            raise ConfigError(f"num_neighbors and reweight_neighbors must be >= 1, got {num_neighbors}, "
+                              f"{reweight_neighbors}")  # fmt: skip
+        self.features = features
         self.sampler = ApproximateGreedyCoreset(
             coreset_ratio, projection_dim, num_starting_points, _CORESET_DTYPES[coreset_dtype], seed
         )
@@ -85,8 +75,7 @@ class PatchCore(FitOnceModel):
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
         """Patch features ``[B, h·w, D]`` of ``images [B, 3, H, W]`` on the first layer's ``h×w`` grid."""
-        features = self._patch_features(images)
-        return features.flatten(1, 2)
+        return self.features(images).flatten(1, 2)
 
     def collect(self, images: Tensor) -> None:
         """Keeps the ``B·h·w`` patch features of a batch of normal images (on the model's device)."""
@@ -108,7 +97,7 @@ class PatchCore(FitOnceModel):
             raise RuntimeError(
                 "PatchCore is not fitted: call collect() and fit(), or load a fitted state dict"
             )
-        features = self._patch_features(images)  # [B, h, w, D]
+        features = self.features(images)  # [B, h, w, D]
         batch, height, width, dim = features.shape
         patches = features.reshape(batch, height * width, dim)
         k = min(self.num_neighbors, len(self.memory_bank))
@@ -123,12 +112,10 @@ class PatchCore(FitOnceModel):
         anomaly_map = upsample_and_blur(grid, tuple(images.shape[-2:]), self.blur_sigma)
         return AnomalyOutput(anomaly_map, image_scores)
 
-    def _patch_features(self, images: Tensor) -> Tensor:
-        """``[B, h, w, D]`` locally aware patch features (official PatchMaker, MeanMapper, Aggregator)."""
-        feature_maps = list(self.backbone(images).values())
-        return aggregate_patch_features(
-            feature_maps, self.patch_size, self.pre_embed_dim, self.target_embed_dim
-        )
+    def use_graph_safe_ops(self) -> None:
+        """faiss cannot be in a graph: the pure-torch search finds the same exact distances (``refine``)."""
+        self.knn_backend = "torch"
+        self._knn = None
 
     def _knn_index(self) -> TorchKnn | FaissKnn:
         """The index over the current memory bank, rebuilt only when the bank tensor was replaced."""
@@ -162,46 +149,3 @@ class PatchCore(FitOnceModel):
 def _drop_knn_index(module: PatchCore, incompatible_keys: object) -> None:
     """``load_state_dict`` may copy a new bank into the same tensor, so the cached index is stale."""
     module._knn = None
-
-
-def unfold_patches(feature_map: Tensor, patch_size: int) -> Tensor:
-    """``[B, C, h, w] -> [B, C·p·p, h, w]``: each position's p×p neighbourhood (stride 1, zero padding).
-
-    The channel axis is ordered (C, p_row, p_col), the official ``[C, p, p]`` patch flattened.
-    """
-    batch, channels, height, width = feature_map.shape
-    patches = F.unfold(feature_map, kernel_size=patch_size, padding=patch_size // 2)
-    return patches.reshape(batch, channels * patch_size**2, height, width)
-
-
-def adaptive_mean(vectors: Tensor, length: int) -> Tensor:
-    """``[N, L] -> [N, length]`` by 1-D adaptive average pooling (repeats values when length > L)."""
-    return F.adaptive_avg_pool1d(vectors.unsqueeze(1), length).squeeze(1)
-
-
-def aggregate_patch_features(
-    feature_maps: list[Tensor], patch_size: int, pre_embed_dim: int | None, target_embed_dim: int | None
-) -> Tensor:
-    """``[B, h, w, D]`` patch features from layer maps ``[B, C_i, h_i, w_i]``.
-
-    Each layer is unfolded into p×p neighbourhoods; deeper layers' patch grids are upsampled
-    (bilinear) to the first layer's ``h×w`` grid, as the official code does on the patch tensors; each
-    flattened patch (channel-major, ``C_i·p·p`` long) is pooled to ``pre_embed_dim`` and the layers'
-    results, concatenated in layer order, to ``target_embed_dim`` = D.
-
-    ``pre_embed_dim=None`` pools each layer's patch to its own ``C_i``: exactly the per-channel mean over
-    the p×p neighbourhood, the paper's aggregation f_agg without any mixing of channels or positions.
-    ``target_embed_dim=None`` concatenates the layers (D = sum of the pooled sizes).
-    """
-    batch, _, height, width = feature_maps[0].shape
-    pooled = []
-    for feature_map in feature_maps:
-        patches = unfold_patches(feature_map, patch_size)  # [B, C·p·p, h_i, w_i]
-        if patches.shape[-2:] != (height, width):
-            patches = F.interpolate(patches, size=(height, width), mode="bilinear", align_corners=False)
-        patches = patches.permute(0, 2, 3, 1).reshape(batch * height * width, -1)  # [B·h·w, C·p·p]
-        pooled.append(adaptive_mean(patches, pre_embed_dim or feature_map.shape[1]))
-    stacked = torch.cat(pooled, dim=1)  # [B·h·w, sum of pooled sizes]
-    if target_embed_dim is not None:
-        stacked = adaptive_mean(stacked, target_embed_dim)
-    return stacked.reshape(batch, height, width, -1)

@@ -9,8 +9,9 @@ features high and noised ones low. A test patch's anomaly score is the negated d
 import torch
 from torch import Tensor, nn
 
-from anomaly.methods.base import AnomalyOutput
-from anomaly.methods.patchcore.model import aggregate_patch_features
+from anomaly.backbones.patch_features import PatchFeatures
+from anomaly.errors import ConfigError
+from anomaly.methods.base import AnomalyOutput, TrainedModel
 from anomaly.methods.postprocess import upsample_and_blur
 
 
@@ -20,15 +21,12 @@ def _xavier_init(module: nn.Module) -> None:
         nn.init.xavier_normal_(module.weight)
 
 
-class SimpleNet(nn.Module):
+class SimpleNet(TrainedModel):
     """Feature adaptor + discriminator over locally aware patch features of a frozen backbone.
 
     Args:
-        backbone: frozen feature extractor; ``forward(images) -> {layer: [B, C, h, w]}``, the first layer
-            being the finest (its grid is the patch grid).
-        pre_embed_dim: each layer's flattened ``C·p·p`` patch is average-pooled to this length.
-        target_embed_dim: the concatenated layers are average-pooled to this length, D.
-        patch_size: side p of the neighbourhood aggregated around each position (odd).
+        features: the frozen locally aware patch features, D = ``features.dim`` (official: layer2+3 of
+            WideResNet50, 3×3, pooled to 1536 and 1536).
         discriminator_hidden: width of the discriminator's hidden layer (official: 1024 for D = 1536).
         noise_std: standard deviation of the Gaussian noise that turns adapted features into fake ones.
         margin: th of the truncated L1 loss: normal scores are pushed above th, fake ones below -th.
@@ -37,41 +35,35 @@ class SimpleNet(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
-        pre_embed_dim: int = 1536,
-        target_embed_dim: int = 1536,
-        patch_size: int = 3,
+        features: PatchFeatures,
         discriminator_hidden: int = 1024,
         noise_std: float = 0.015,
         margin: float = 0.5,
         blur_sigma: float = 4.0,
     ) -> None:
         super().__init__()
-        if patch_size < 1 or patch_size % 2 == 0:
-            raise ValueError(f"patch_size must be odd and positive, got {patch_size}")
-        self.backbone = backbone
-        self.pre_embed_dim = pre_embed_dim
-        self.target_embed_dim = target_embed_dim
-        self.patch_size = patch_size
+        if discriminator_hidden < 1 or noise_std <= 0 or margin <= 0:
+            raise ConfigError(
+                "discriminator_hidden, noise_std and margin must be positive, got "
+                f"{discriminator_hidden}, {noise_std}, {margin}"
+            )
+        self.features = features
         self.noise_std = noise_std
         self.margin = margin
         self.blur_sigma = blur_sigma
-        self.adaptor = nn.Linear(target_embed_dim, target_embed_dim)  # official Projection, 1 layer
+        dim = features.dim
+        self.adaptor = nn.Linear(dim, dim)  # official Projection, 1 layer
         self.discriminator = nn.Sequential(
-            nn.Linear(target_embed_dim, discriminator_hidden),
+            nn.Linear(dim, discriminator_hidden),
             nn.BatchNorm1d(discriminator_hidden),
             nn.LeakyReLU(0.2),
             nn.Linear(discriminator_hidden, 1, bias=False),
         )
         self.apply(_xavier_init)
 
-    def patch_features(self, images: Tensor) -> Tensor:
-        """``[B, h, w, D]`` frozen patch features of ``images [B, 3, H, W]``; never carries a gradient."""
-        with torch.no_grad():
-            feature_maps = list(self.backbone(images).values())
-            return aggregate_patch_features(
-                feature_maps, self.patch_size, self.pre_embed_dim, self.target_embed_dim
-            )
+    @property
+    def is_fitted(self) -> bool:
+        return True  # trained or not, the adaptor and discriminator score (untrained: meaninglessly)
 
     def training_loss(self, images: Tensor) -> dict[str, Tensor]:
         """Truncated L1 loss on the ``B·h·w`` patches of a batch of normal images.
@@ -80,7 +72,7 @@ class SimpleNet(nn.Module):
         so its BatchNorm normalises with statistics of both. ``p_true``/``p_fake`` are the shares of
         patches already beyond the margin (no gradient).
         """
-        true_features = self.adaptor(self.patch_features(images).flatten(0, 2))  # [N, D]
+        true_features = self.adaptor(self.features(images).flatten(0, 2))  # [N, D]
         fake_features = true_features + self.noise_std * torch.randn_like(true_features)
         scores = self.discriminator(torch.cat([true_features, fake_features])).squeeze(1)  # [2N]
         true_scores, fake_scores = scores.chunk(2)
@@ -100,7 +92,7 @@ class SimpleNet(nn.Module):
 
         No noise is drawn here, so in eval mode (BatchNorm on its running statistics) it is deterministic.
         """
-        features = self.patch_features(images)  # [B, h, w, D]
+        features = self.features(images)  # [B, h, w, D]
         batch, height, width, dim = features.shape
         patch_scores = -self.discriminator(self.adaptor(features.reshape(-1, dim)))  # [B·h·w, 1]
         patch_scores = patch_scores.reshape(batch, 1, height, width)

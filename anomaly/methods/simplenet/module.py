@@ -22,9 +22,8 @@ class SimpleNetModule(TrainedModule):
         discriminator_lr: float = 2e-4,
         discriminator_weight_decay: float = 1e-5,
         num_examples: int = 8,
-        threshold_quantile: float = 0.99,
     ) -> None:
-        super().__init__(model, num_examples, threshold_quantile)
+        super().__init__(model, num_examples)
         self.adaptor_lr = adaptor_lr
         self.adaptor_weight_decay = adaptor_weight_decay
         self.discriminator_lr = discriminator_lr

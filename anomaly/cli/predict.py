@@ -2,8 +2,9 @@
 
 Writes ``predictions.csv`` (path, image score, normalised score, is_anomalous, error), and per image a
 heatmap overlay and a binary defect mask, into its own output dir. An unreadable file is reported by
-name (CSV and log) and the rest are scored. Images of another size or channel count go through the
-training transform. The model file loads without the training data and without executing code.
+name (CSV and log) and the rest are scored; if nothing could be scored the command fails. Images of
+another size or channel count go through the training preprocessing. The model file loads without the
+training data and without executing code.
 """
 
 import csv
@@ -15,17 +16,15 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from anomaly.allocator import keep_freed_memory_for_reuse
 from anomaly.calibration import Calibration
-from anomaly.data.samples import list_images, read_image
+from anomaly.cli.runtime import CONFIG_PATH, prepare_process, report_user_errors
+from anomaly.data.dataset import ImageDataset
+from anomaly.data.samples import Sample, list_images
 from anomaly.errors import DataError
 from anomaly.model_io import load_model
-from anomaly.train import CONFIG_DIR
 from anomaly.visualization import save_prediction
 
 log = logging.getLogger(__name__)
@@ -41,27 +40,8 @@ def resolve_inputs(spec: str) -> list[Path]:
     else:
         paths = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     if not paths:
-        raise FileNotFoundError(f"No images found for input={spec!r}: give an image, a folder or a glob.")
+        raise DataError(f"No images found for input={spec!r}: give an image, a folder or a glob.")
     return paths
-
-
-class PredictionImages(Dataset):
-    """Images through the training transform; a file that cannot be read becomes an error entry."""
-
-    def __init__(self, paths: list[Path], transform: v2.Compose) -> None:
-        self.paths = paths
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict:
-        path = self.paths[index]
-        try:
-            image = tv_tensors.Image(read_image(path))
-        except DataError as error:
-            return {"path": str(path), "error": str(error)}
-        return {"path": str(path), "image": self.transform(image).as_subclass(torch.Tensor)}
 
 
 def collate(items: list[dict]) -> dict:
@@ -87,21 +67,17 @@ def prediction_row(path: str, score: float, calibration: Calibration | None, thr
 
 
 def predict(cfg: DictConfig, output_dir: Path) -> Path:
-    """Scores every input image; returns the path of predictions.csv."""
-    if cfg.reuse_freed_memory:
-        keep_freed_memory_for_reuse()
+    """Scores every input image; returns the path of predictions.csv. Raises DataError if none scored."""
     device = pick_device(cfg.device)
     loaded = load_model(cfg.model, device=str(device))
     threshold = cfg.threshold if cfg.threshold is not None else getattr(loaded.calibration, "threshold", None)
     if threshold is None:
         log.warning("The model has no calibrated threshold (trained with dataset.val_fraction=0) and "
                     "threshold= was not given: is_anomalous and masks are left empty.")  # fmt: skip
-    transform = loaded.preprocessing.transform()
     paths = resolve_inputs(str(cfg.input))
-    loader = DataLoader(
-        PredictionImages(paths, transform), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-        collate_fn=collate,
-    )  # fmt: skip
+    samples = [Sample(path, 0, None, "new") for path in paths]
+    dataset = ImageDataset(samples, loaded.preprocessing.transform(), with_masks=False, keep_errors=True)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
     output_dir.mkdir(parents=True, exist_ok=True)
     csv_path = output_dir / "predictions.csv"
     failures = written = 0
@@ -124,13 +100,16 @@ def predict(cfg: DictConfig, output_dir: Path) -> Path:
                     stem = output_dir / "images" / f"{written:05d}_{Path(path).stem}"
                     heat = output.anomaly_map[i, 0].float().cpu()
                     save_prediction(batch["images"][i].cpu(), heat, score, threshold, stem)
-    log.info("Scored %d images (%d unreadable) → %s", len(paths) - failures, failures, csv_path)
+    log.info("Scored %d images (%d unreadable) → %s", written, failures, csv_path)
+    if written == 0:
+        raise DataError(f"None of the {failures} input image(s) could be read: see {csv_path}.")
     return csv_path
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
 def main(cfg: DictConfig) -> None:
-    predict(cfg, Path(HydraConfig.get().runtime.output_dir))
+    prepare_process(cfg.reuse_freed_memory)
+    report_user_errors(lambda: predict(cfg, Path(HydraConfig.get().runtime.output_dir)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,245 @@
+"""``anomaly-train``: fit a method on normal images, calibrate, score the test set, write the run dir.
+
+Builds data, model, Lightning module, loggers and trainer from the Hydra config; checks every data file;
+fits; calibrates the decision threshold on normal held-out images; saves the model; tests; writes
+``run.json``, ``metrics.json``, ``config.yaml``, ``model.safetensors`` and heatmaps. Returns the metric
+named by ``optimized_metric`` so that Hydra sweepers can optimise it.
+"""
+
+import json
+import logging
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger, WandbLogger  # ours (configs/logger/wandb.yaml) is one too
+
+from anomaly.calibration import Calibration, fit_calibration
+from anomaly.cli.runtime import (
+    CONFIG_PATH,
+    data_name,
+    prepare_process,
+    report_user_errors,
+    user_error,
+    user_message,
+)
+from anomaly.data.datamodule import AnomalyDataModule
+from anomaly.methods.lightning import AnomalyModule
+from anomaly.model_io import save_model
+from anomaly.reports.records import RunRecord
+from anomaly.visualization import save_heatmaps
+
+log = logging.getLogger(__name__)
+TABLE_AXES = ("method", "backbone", "dataset", "dataset.category", "seed")  # never part of a variant
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Runs one experiment; returns its metrics (also in ``<output_dir>/metrics.json`` and ``run.json``)."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_text = OmegaConf.to_yaml(cfg, resolve=True)
+    if (previous := finished_run(output_dir, config_text)) and not cfg.get("force", False):
+        log.info("Skipping %s: results for this exact config exist (force=true redoes it).", output_dir)
+        return previous.metrics
+    (output_dir / "metrics.json").unlink(missing_ok=True)  # an earlier config's metrics are not this run's
+    (output_dir / "config.yaml").write_text(config_text)
+    run_record(cfg, "running").write(output_dir)  # a job killed outright stays "running"
+    prepare_process(cfg.reuse_freed_memory, cfg.get("num_threads"))
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule: AnomalyDataModule = instantiate(cfg.dataset)
+    model = instantiate(cfg.method.model)  # builds the backbone too, where the method uses one
+    module: AnomalyModule = instantiate(cfg.method.module, model=model)
+    loggers = build_loggers(cfg)
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    datamodule.setup()  # every file listed and checked before any work
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    calibration = calibrate(trainer, module, datamodule, cfg.threshold_quantile)
+    fit_seconds = time.perf_counter() - start
+    model_config = OmegaConf.to_container(cfg.method.model, resolve=True)
+    path = output_dir / "model.safetensors"
+    save_model(model, cfg.method.name, model_config, datamodule.preprocessing, path, calibration)
+
+    start = time.perf_counter()
+    test(trainer, module, datamodule, calibration)
+    test_seconds = time.perf_counter() - start
+
+    metrics = {
+        **module.test_metrics,
+        "fit_seconds": round(fit_seconds, 2),
+        "test_seconds": round(test_seconds, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    record = run_record(cfg, "ok", metrics=module.test_metrics)
+    record.timings = {key: metrics[key] for key in ("fit_seconds", "test_seconds", "peak_rss_mb")}
+    record.skipped_files = [problem.describe() for problem in datamodule.bad_files]
+    record.sample_images = [example["path"] for example in module.examples]
+    record.write(output_dir)
+    heatmaps = save_heatmaps(module.examples, output_dir / "heatmaps")
+    for logger in loggers:
+        logger.log_metrics(record.timings)
+        if isinstance(logger, WandbLogger) and heatmaps:
+            logger.log_image("heatmaps", [str(p) for p in heatmaps], caption=[p.stem for p in heatmaps])
+    end_wandb_run(exit_code=0)
+    print_summary(record, output_dir)
+    return metrics
+
+
+def calibrate(
+    trainer: pl.Trainer, module: AnomalyModule, datamodule: AnomalyDataModule, quantile: float
+) -> Calibration | None:
+    """The decision threshold from the scores of the held-out normal images (never the test set)."""
+    if len(datamodule.val_samples) < 2:
+        count = len(datamodule.val_samples)
+        log.warning("%d held-out normal image(s): no threshold. Set dataset.val_fraction > 0 for one.", count)
+        return None
+    outputs = trainer.predict(module, dataloaders=datamodule.calibration_dataloader())
+    scores = torch.cat([output["image_score"] for output in outputs])
+    return fit_calibration(scores, quantile)
+
+
+def test(
+    trainer: pl.Trainer, module: AnomalyModule, datamodule: AnomalyDataModule, calibration: Calibration | None
+) -> None:
+    """Test metrics at the calibrated threshold, and the heatmap examples (spread over the test set)."""
+    labels = {sample.label for sample in datamodule.test_samples}
+    if labels != {0, 1}:
+        kind = "good" if labels == {0} else "defective"
+        log.warning(
+            "The test set has only %s images (%d): no test metrics.", kind, len(datamodule.test_samples)
+        )
+        return
+    module.threshold = calibration.threshold if calibration else None
+    module.pixel_metrics = datamodule.has_pixel_ground_truth()
+    if not module.pixel_metrics:
+        log.warning("The defective test images have no masks: image metrics only, no pixel metrics.")
+    module.example_ids = spread(len(datamodule.test_samples), module.num_examples)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+
+
+def spread(total: int, count: int) -> set[int]:
+    """``count`` positions spread evenly over ``range(total)``, first and last included."""
+    count = min(count, total)
+    return {round(i * (total - 1) / max(count - 1, 1)) for i in range(count)}
+
+
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    return [instantiate(node) for node in (cfg.get("logger") or {}).values()]
+
+
+def run_record(
+    cfg: DictConfig, status: str, metrics: dict | None = None, error: str | None = None
+) -> RunRecord:
+    """What identifies the run, from its config (the same whether it succeeded or failed)."""
+    choices, overrides, excluded = {}, [], set()
+    if HydraConfig.initialized():
+        hydra_config = HydraConfig.get()
+        choices, overrides = hydra_config.runtime.choices, list(hydra_config.overrides.task)
+        excluded = set(hydra_config.job.config.override_dirname.exclude_keys)
+    variant = [item for item in overrides if not _is_axis_or_excluded(item.split("=", 1)[0], excluded)]
+    model = cfg.method.get("model") or {}
+    logger = (cfg.get("logger") or {}).get("wandb")
+    return RunRecord(
+        method=cfg.method.name,
+        backbone=cfg.backbone.name if "features" in model or "backbone" in model else None,
+        dataset=choices.get("dataset") or "",
+        category=data_name(cfg),
+        seed=cfg.seed,
+        status=status,
+        variant=variant,
+        metrics=metrics or {},
+        error=error,
+        wandb={"project": logger.project, "offline": logger.offline} if logger else None,
+    )
+
+
+def _is_axis_or_excluded(key: str, excluded: set[str]) -> bool:
+    """Table axes, settings that do not change results, and Hydra's or the loggers' own settings."""
+    key = key.lstrip("+~")
+    return key in TABLE_AXES or key in excluded or key.startswith(("hydra.", "logger."))
+
+
+def end_wandb_run(exit_code: int) -> None:
+    """Finishes this job's wandb run, if any: jobs of a sweep can share a process (Hydra's basic launcher,
+    joblib workers), and WandbLogger would log the next job into a run that is still open."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def finished_run(output_dir: Path, config_text: str) -> RunRecord | None:
+    """The record of an earlier successful run in ``output_dir`` with the identical resolved config."""
+    config, record = output_dir / "config.yaml", RunRecord.read(output_dir)
+    if record is None or record.status != "ok" or not config.is_file() or config.read_text() != config_text:
+        return None
+    return record
+
+
+def record_failure(cfg: DictConfig, error: BaseException) -> None:
+    """The failed run's record (its error in one line) and ``error.log`` with the traceback."""
+    output_dir = Path(cfg.paths.output_dir)
+    found = user_error(error)
+    text = user_message(found) if found else "".join(traceback.format_exception_only(error)).strip()
+    try:
+        record = run_record(cfg, "failed", error=text)
+    except Exception:  # the config itself does not resolve: name the run by its config choices
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        record = RunRecord(choices.get("method", "?"), None, choices.get("dataset", ""), "?",
+                           cfg.get("seed", 0), "failed", error=text)  # fmt: skip
+    record.write(output_dir)
+    (output_dir / "error.log").write_text(traceback.format_exc())
+
+
+def print_summary(record: RunRecord, output_dir: Path) -> None:
+    title = " | ".join(filter(None, (record.method, record.backbone, record.category)))
+    values = {**record.metrics, **record.timings}
+    rows = "\n".join(f"  {key:<24} {value:>10.4f}" for key, value in values.items())
+    skipped = f"\n  skipped files: {len(record.skipped_files)} (run.json)" if record.skipped_files else ""
+    print(f"\n{title}\n{rows}{skipped}\n  outputs: {output_dir}\n", flush=True)
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """One job: a failure is recorded in its run dir; inside a sweep the sweep goes on (its report lists
+    the failure and the command exits non-zero at the end)."""
+    try:
+        metrics = train(cfg)
+    except Exception as error:
+        end_wandb_run(exit_code=1)
+        record_failure(cfg, error)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        found = user_error(error)
+        if found is None:
+            log.exception("Run failed: %s", cfg.paths.output_dir)
+        else:
+            log.error("Run failed: %s: %s", cfg.paths.output_dir, user_message(found))
+        return None
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return report_user_errors(lambda: run_job(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The one image dataset: samples read, transformed and returned as dicts (train, test, predict, generic
+image folders alike)."""
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+
+from anomaly.data.decode import read_image, read_mask
+from anomaly.data.samples import Sample, list_images_recursive
+from anomaly.errors import DataError
+
+
+class ImageDataset(Dataset):
+    """``{"image", "mask", "label", "path"}`` per sample: image ``[3, H, W]`` float in [0, 1] and mask
+    ``[1, H, W]`` uint8 0/1 (zeros without ground truth), transformed jointly so that they stay aligned.
+
+    ``with_masks=False``: ``{"image", "label", "path"}`` with ``transform(image)`` only (generic image
+    folders: EfficientAD's penalty images, teacher distillation). ``keep_errors=True``: an unreadable
+    file becomes ``{"path", "error"}`` instead of raising (prediction reports it and goes on).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable,
+        with_masks: bool = True,
+        keep_errors: bool = False,
+    ) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.with_masks = with_masks
+        self.keep_errors = keep_errors
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        path = str(sample.image_path)
+        try:
+            image = tv_tensors.Image(read_image(sample.image_path))
+        except DataError as error:
+            if self.keep_errors:
+                return {"path": path, "error": str(error)}
+            raise
+        if not self.with_masks:
+            return {"image": _plain(self.transform(image)), "label": sample.label, "path": path}
+        height, width = image.shape[-2:]
+        if sample.mask_path is None:
+            mask = torch.zeros(1, height, width, dtype=torch.uint8)
+        else:
+            mask = read_mask(sample.mask_path, sample.image_path, (width, height))
+        image, mask = self.transform(image, tv_tensors.Mask(mask))
+        return {"image": _plain(image), "mask": _plain(mask), "label": sample.label, "path": path}
+
+
+def _plain(value):
+    """tv_tensors back to plain tensors (tuples of them too), so batches collate as plain tensors."""
+    if isinstance(value, tuple):
+        return tuple(_plain(item) for item in value)
+    return value.as_subclass(Tensor) if isinstance(value, Tensor) else value
+
+
+def image_folder(folder: str | Path, transform: Callable) -> ImageDataset:
+    """Every image under ``folder`` (recursively) through ``transform``, without masks."""
+    paths = list_images_recursive(Path(folder))
+    if not paths:
+        raise DataError(f"No images under {folder}: pass a folder of images.")
+    return ImageDataset([Sample(path, 0, None, "image") for path in paths], transform, with_masks=False)
+
+
+def endless_image_batches(
+    folder: str | Path, transform: Callable, batch_size: int, num_workers: int, seed: int
+) -> Iterator:
+    """Shuffled batches of ``image_folder(folder, transform)`` images, reshuffled every pass, without end."""
+    loader = DataLoader(
+        image_folder(folder, transform), batch_size=batch_size, shuffle=True, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+    while True:
+        for batch in loader:  # each pass draws a new order from the generator
+            yield batch["image"]

@@ -1,0 +1,88 @@
+"""Collecting the run records below a folder into table rows (one dict per run)."""
+
+from pathlib import Path
+
+from anomaly.reports.records import RECORD_FILE, RunRecord
+
+METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max")
+COLUMNS = (
+    "method", "backbone", "variant", "dataset", "category", "seed", "status", *METRICS,
+    "fit_seconds", "test_seconds", "peak_rss_mb", "run_dir", "error",
+)  # fmt: skip
+
+
+def read_row(run_dir: Path) -> dict | None:
+    """One row from a run dir's record; None when it holds none."""
+    record = RunRecord.read(run_dir)
+    if record is None:
+        return None
+    row = {
+        "method": record.method,
+        "backbone": record.backbone or "",
+        "dataset": record.dataset,
+        "category": record.category,
+        "seed": record.seed,
+        "status": record.status,
+        "run_dir": str(run_dir),
+        "overrides": dict(item.split("=", 1) for item in record.variant if "=" in item),
+        "wandb": record.wandb,
+        **record.metrics,
+        **record.timings,
+    }
+    if record.status == "running":
+        return {**row, "status": "failed", "error": "the run was killed (or is still running): no result"}
+    return {**row, "error": record.error or ""}
+
+
+def collect_runs(folder: Path) -> tuple[list[dict], list[dict]]:
+    """(rows, repeats) of every run below ``folder``, earlier invocations of a resumed sweep included.
+
+    Rows get a ``variant``: the swept settings that tell runs of one method apart (e.g. a coreset ratio
+    sweep), so that only seeds are ever averaged together. Of several runs of one combination (e.g. the
+    same sweep run again with another logger, which makes Hydra pick another folder), the newest counts;
+    the others are returned as repeats.
+    """
+    run_dirs = sorted({path.parent for path in folder.rglob(RECORD_FILE)})
+    rows = [row for run_dir in run_dirs if (row := read_row(run_dir))]
+    add_variants(rows)
+    newest: dict[tuple, dict] = {}
+    for row in sorted(rows, key=lambda r: (Path(r["run_dir"]) / RECORD_FILE).stat().st_mtime):
+        newest[(method_label(row), row["dataset"], str(row["category"]), row["seed"])] = row
+    kept = sorted(newest.values(), key=lambda r: (method_label(r), str(r["category"]), r["seed"] or 0))
+    kept_ids = {id(row) for row in kept}
+    repeats = [row for row in rows if id(row) not in kept_ids]
+    return kept, repeats
+
+
+def add_variants(rows: list[dict]) -> None:
+    """Sets each row's ``variant``: its values of the settings that differ between the rows."""
+    keys = {key for row in rows for key in row["overrides"]}
+    varying = sorted(key for key in keys if len({row["overrides"].get(key) for row in rows}) > 1)
+    short = {key: key.rsplit(".", 1)[-1] for key in varying}
+    if len(set(short.values())) < len(short):
+        short = {key: key for key in varying}
+    for row in rows:
+        overrides = row["overrides"]
+        row["variant"] = ",".join(
+            f"{short[k]}={format_value(overrides[k])}" for k in varying if k in overrides
+        )
+
+
+def format_value(value: str) -> str:
+    """Optuna's floats (0.05342867...) shortened to 4 significant digits; anything else as given."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if "." in value or "e" in value.lower() else value
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """A (possibly multi-line) error for a table cell: its lines joined, cut at ``limit`` characters."""
+    joined = " / ".join(line.strip() for line in text.splitlines() if line.strip())
+    return joined if len(joined) <= limit else joined[: limit - 1] + "…"
+
+
+def method_label(row: dict) -> str:
+    label = f"{row['method']} ({row['backbone']})" if row["backbone"] else row["method"]
+    return f"{label} [{row['variant']}]" if row.get("variant") else label

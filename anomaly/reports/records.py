@@ -1,0 +1,43 @@
+"""One typed record per run (``run.json``), written by ``anomaly-train`` on success and on failure.
+
+Everything that reports on runs (sweep tables, plots, HTML, wandb, ``anomaly-report``) reads these
+records and nothing else of a run dir: no config parsing, no ``_target_`` strings.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RECORD_FILE = "run.json"
+
+
+@dataclass
+class RunRecord:
+    method: str  # the method's name (configs/method)
+    backbone: str | None  # the backbone's name, None for a method without one (EfficientAD)
+    dataset: str  # the data set config (mvtec, folder, synthetic, ...)
+    category: str  # the category, or the data folder's name
+    seed: int
+    status: str  # "ok" or "failed"
+    variant: list[str] = field(default_factory=list)  # the run's command-line settings beyond the table axes
+    metrics: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # fit_seconds, test_seconds, peak_rss_mb
+    error: str | None = None  # the failure, one line
+    skipped_files: list[str] = field(default_factory=list)  # left out by dataset.on_bad_file=skip
+    sample_images: list[str] = field(default_factory=list)  # test images of the heatmaps (export's parity)
+    wandb: dict | None = None  # the run's wandb logger settings (project, offline) for the sweep's summary
+
+    def write(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RECORD_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, run_dir: Path) -> "RunRecord | None":
+        """The record of ``run_dir``, None when there is none (or it is not one of ours)."""
+        path = run_dir / RECORD_FILE
+        if not path.is_file():
+            return None
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (TypeError, ValueError):
+            return None

@@ -1,0 +1,157 @@
+"""Results as tables: results.csv, and per metric a categories × methods table with the papers' numbers."""
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from statistics import mean, stdev
+
+import yaml
+
+from anomaly.data.mvtec import MVTEC_CATEGORIES
+from anomaly.reports.collect import COLUMNS, METRICS, method_label, one_line
+
+REFERENCES_FILE = Path(__file__).with_name("paper_results.yaml")
+Table = tuple[list[str], list[list[str]]]  # header, body rows
+
+
+def write_results_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def aggregate(rows: list[dict], metric: str) -> dict[tuple[str, str], dict[int, float]]:
+    """(category, method label) → {seed: metric} of the successful runs."""
+    table: dict[tuple[str, str], dict[int, float]] = {}
+    for row in rows:
+        if row["status"] == "ok" and row.get(metric) is not None:
+            table.setdefault((str(row["category"]), method_label(row)), {})[row["seed"]] = float(row[metric])
+    return table
+
+
+def format_cell(values: Sequence[float]) -> str:
+    """×100 with one decimal; mean ± sample std when there are several seeds."""
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * mean(values):.1f} ± {100 * stdev(values):.1f}"
+
+
+def load_references() -> dict:
+    """Published numbers in percent: {method: {source, dataset, backbone, metrics: {metric: {category}}}}."""
+    return yaml.safe_load(REFERENCES_FILE.read_text()) if REFERENCES_FILE.is_file() else {}
+
+
+def applicable_reference(references: dict, rows: list[dict]) -> dict:
+    """The paper's {metric: {category: value}} for one method label, if all its runs are comparable: the
+    paper's data set and backbone (a published WRN50 number says little about our Lite0 runs)."""
+    reference = references.get(rows[0]["method"], {})
+    comparable = all(
+        r["dataset"] == reference.get("dataset") and r["backbone"] == reference.get("backbone") for r in rows
+    )
+    return reference.get("metrics", {}) if reference and comparable else {}
+
+
+def published_mean(published: dict, categories: list[str]) -> float | None:
+    """The paper number beside our mean row: its own mean when we ran all of MVTec AD, else the mean of its
+    per-category values over our categories (None when one of them has no published value)."""
+    if set(categories) == set(MVTEC_CATEGORIES) and "mean" in published:
+        return published["mean"]
+    values = [published.get(c) for c in categories]
+    return None if any(v is None for v in values) else mean(values)
+
+
+def column_mean(values: dict, categories: list[str], label: str) -> list[float] | None:
+    """The mean over categories per seed (seeds that all categories have); None when a category has no
+    result (then there is no fair mean)."""
+    per_category = [values.get((c, label)) for c in categories]
+    if not all(per_category):
+        return None
+    seeds = sorted(set.intersection(*(set(v) for v in per_category)))
+    return [mean(v[s] for v in per_category) for s in seeds] or None
+
+
+def summary_tables(rows: list[dict]) -> dict[str, Table]:
+    """Per metric: categories × method labels (×100, mean ± std over seeds), a mean row, and the paper's
+    value with our difference (Δ) where the runs are comparable to it."""
+    references = load_references()
+    labels = sorted({method_label(r) for r in rows})
+    categories = sorted({str(r["category"]) for r in rows})
+    failed = {(str(r["category"]), method_label(r)) for r in rows if r["status"] != "ok"}
+    paper = {
+        label: applicable_reference(references, [r for r in rows if method_label(r) == label])
+        for label in labels
+    }
+    tables = {}
+    for metric in METRICS:
+        values = aggregate(rows, metric)
+        header = ["category"]
+        for label in labels:
+            header += [label] + ([f"{label.split(' ')[0]} paper", "Δ"] if metric in paper[label] else [])
+        body = []
+        for category in [*categories, "mean"]:
+            cells = [category]
+            for label in labels:
+                if category == "mean":
+                    ours = column_mean(values, categories, label)
+                    incomplete = any(label == f for _, f in failed)
+                else:
+                    ours = list(values.get((category, label), {}).values()) or None
+                    incomplete = (category, label) in failed
+                cells.append(result_cell(ours, incomplete, category == "mean"))
+                if metric in paper[label]:
+                    published = paper[label][metric]
+                    value = (
+                        published_mean(published, categories)
+                        if category == "mean"
+                        else published.get(category)
+                    )
+                    cells += reference_cells(ours, value)
+            body.append(cells)
+        tables[metric] = (header, body)
+    return tables
+
+
+def result_cell(values: list[float] | None, incomplete: bool, is_mean: bool) -> str:
+    """Our value, marked ⚠ when some of its runs failed; "failed" when all did, "–" when none ran."""
+    if values:
+        return format_cell(values) + (" ⚠" if incomplete else "")
+    if incomplete:
+        return "– ⚠" if is_mean else "failed"
+    return "–"
+
+
+def reference_cells(values: list[float] | None, published: float | None) -> list[str]:
+    if published is None:
+        return ["–", "–"]
+    return [f"{published:.1f}", f"{100 * mean(values) - published:+.1f}" if values else "–"]
+
+
+def summary_markdown(rows: list[dict], tables: dict[str, Table], notes: Sequence[str]) -> str:
+    n_failed = sum(r["status"] != "ok" for r in rows)
+    lines = [
+        "# Benchmark summary",
+        "",
+        f"{len(rows)} runs, {n_failed} failed. Values ×100, mean ± std over seeds.",
+    ]
+    lines += [f"\n{note}" for note in notes] + [""]
+    for metric, (header, body) in tables.items():
+        lines += [f"## {metric}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(f"**{c}**" if c == "mean" else c for c in cells) + " |" for cells in body]
+        lines.append("")
+    if n_failed:
+        lines += ["## Failed runs", ""]
+        lines += [
+            f"- {method_label(r)} / {r['category']} (seed {r['seed']}): {one_line(r['error'])}"
+            for r in rows
+            if r["status"] != "ok"
+        ]
+        lines.append("")
+    references = load_references()
+    methods = {r["method"] for r in rows} & set(references)
+    if methods:
+        lines.append("Paper numbers, shown only beside MVTec AD runs with the paper's backbone:")
+        lines += [
+            f"- {m} ({references[m].get('backbone')}): {references[m].get('source')}" for m in sorted(methods)
+        ]
+    return "\n".join(lines) + "\n"

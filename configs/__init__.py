@@ -1,0 +1,1 @@
+"""Hydra configs of anomaly; installed as the package ``anomaly.configs`` (see setup.py)."""
