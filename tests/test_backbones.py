@@ -176,3 +176,19 @@ def test_bad_weights_path_names_the_file(tmp_path, content, error, detail) -> No
     with pytest.raises(error, match=detail) as info:
         FeatureExtractor("resnet18", ["layer1"], weights_path=str(path))
     assert str(path) in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore:backbone resnet18 is randomly initialised")
+def test_reduced_precision_runs_the_network_under_autocast_and_returns_float32():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 64, 64)
+    exact = FeatureExtractor("resnet18", ["layer1", "layer2"], weights=None)
+    reduced = FeatureExtractor("resnet18", ["layer1", "layer2"], weights=None, precision="bfloat16")
+    reduced.load_state_dict(exact.state_dict())
+    for layer, feature in reduced(images).items():
+        reference = exact(images)[layer]
+        assert feature.dtype == torch.float32
+        assert not torch.equal(feature, reference)  # the network ran in bfloat16 ...
+        assert (feature - reference).abs().max() < 0.05 * reference.abs().max()  # ... to bfloat16 accuracy
+    with pytest.raises(ValueError, match="precision"):
+        FeatureExtractor("resnet18", ["layer1"], weights=None, precision="int8")

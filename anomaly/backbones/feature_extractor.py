@@ -17,11 +17,13 @@ from torchvision.models import feature_extraction
 
 from anomaly.backbones.efficientnet_lite import LITE_VARIANTS, build_efficientnet_lite
 from anomaly.backbones.weights import build_torchvision_model
+from anomaly.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = LITE_STD = (0.5, 0.5, 0.5)  # TF Lite preprocessing (x - 127) / 128: inputs in [-1, 1]
 _PROBE_SIZE = 64  # side of the dummy image that discovers channels and strides
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # None: no autocast
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class FeatureExtractor(nn.Module):
     EfficientNet-Lite ``"IMAGENET1K_V1"`` is the packaged file); ``weights_path`` (a local state dict)
     overrides it; ``weights=None`` without a path gives random init and a warning. With
     ``fold_batch_norms`` (default) each BatchNorm is folded into the convolution before it: the same
-    features up to float rounding, faster; off gives the network exactly as published.
+    features up to float rounding, faster; off gives the network exactly as published. ``precision``:
+    see :meth:`set_precision`.
     """
 
     def __init__(
@@ -75,9 +78,11 @@ class FeatureExtractor(nn.Module):
         weights: str | None = "IMAGENET1K_V1",
         weights_path: str | None = None,
         fold_batch_norms: bool = True,
+        precision: str = "float32",
     ) -> None:
         super().__init__()
         spec = backbone_spec(name)
+        self.set_precision(precision)
         self.layers = list(layers)
         self.pretrained = weights is not None or weights_path is not None  # else random: nothing recreates it
         model = spec.build(weights, weights_path).eval()
@@ -97,11 +102,22 @@ class FeatureExtractor(nn.Module):
         """Stays in eval: BatchNorm statistics belong to the pretrained weights; Lightning calls train()."""
         return super().train(False)
 
+    def set_precision(self, precision: str) -> None:
+        """``"float32"``, or ``"bfloat16"`` / ``"float16"``: the network runs under autocast in that type
+        (tensor cores on a GPU); its features are returned in float32 either way, so every statistic,
+        distance and loss after it stays float32."""
+        if precision not in PRECISIONS:
+            raise ConfigError(f"backbone.precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        """``images`` [B, 3, H, W] in [0, 1], not normalised → ``{layer: [B, C, H/stride, W/stride]}``."""
+        """``images`` [B, 3, H, W] in [0, 1], not normalised → ``{layer: [B, C, H/stride, W/stride]}``
+        (float32)."""
         normalised = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        features = self.body(normalised)
-        return {layer: features[layer] for layer in self.layers}
+        dtype = PRECISIONS[self.precision]
+        with torch.autocast(normalised.device.type, dtype=dtype, enabled=dtype is not None):
+            features = self.body(normalised)
+        return {layer: features[layer].float() for layer in self.layers}
 
     def _probe(self) -> tuple[list[int], list[int]]:
         """Channels and strides per layer, from one dummy forward."""

@@ -19,6 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from anomaly.backbones import FeatureExtractor
 from anomaly.cli.runtime import CONFIG_PATH, prepare_process, report_user_errors
 from anomaly.data.samples import list_images_recursive
 from anomaly.deploy.formats import (
@@ -66,6 +67,12 @@ def export(cfg: DictConfig) -> ExportResult:
     model_file = find_model_file(cfg.model)
     device = torch.device(cfg.device)
     loaded = load_model(model_file, device=str(device))
+    for module in loaded.model.modules():  # graphs and their eager reference run the backbone in float32
+        if isinstance(module, FeatureExtractor) and module.precision != "float32":
+            log.info(
+                "Exporting the %s backbone in float32 (trained with %s).", module.precision, module.precision
+            )
+            module.set_precision("float32")
     preprocessing = loaded.preprocessing
     input_size = resolve_input_size(cfg.input_size, preprocessing.image_size)
     output = Path(cfg.output) if cfg.output else model_file.with_suffix(FORMATS[cfg.format])

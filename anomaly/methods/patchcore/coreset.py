@@ -95,13 +95,16 @@ def empty_for_gemv(rows: int, cols: int, dtype: torch.dtype, device: torch.devic
     return torch.empty(cols, rows, dtype=dtype, device=device).t()
 
 
-def greedy_k_center(points: Tensor, count: int, starts: Tensor) -> Tensor:
+def greedy_k_center(points: Tensor, count: int, starts: Tensor, prune: bool | None = None) -> Tensor:
     """Greedy k-center on ``points [N, P]``: ``count`` indices (int64, in selection order).
 
     Each step picks the point farthest from everything selected so far; the initial "distance to the
     selection" of every point is its mean distance to the ``starts [S]`` (not selected themselves).
-    Points that the triangle inequality proves cannot get closer to the new centre are skipped
-    (:class:`TrianglePruning`); a step that cannot skip most points is one full pass, as before.
+    With ``prune`` (default: on the CPU), points that the triangle inequality proves cannot get closer
+    to the new centre are skipped (:class:`TrianglePruning`); a step that cannot skip most points is one
+    full pass, as before. On a GPU the pruning is off: each probe makes the host wait for a count, while
+    a full step is one memory-bound pass there, and without any host synchronisation the loop queues its
+    steps ahead of the GPU. Full passes and pruned steps select the same points.
     """
     num_points = len(points)
     sq_norms = torch.linalg.vector_norm(points, dim=1, dtype=torch.float32).square_().to(points.dtype)  # [N]
@@ -129,12 +132,15 @@ def greedy_k_center(points: Tensor, count: int, starts: Tensor) -> Tensor:
     min_dist.div_(len(starts)).square_()
 
     selected = torch.empty(count, dtype=torch.long, device=points.device)
-    pruning = TrianglePruning(points, sq_norms, count)
-    next_probe, probe_wait = 0, TrianglePruning.FIRST_WAIT  # when pruning does not pay, try it less often
+    prune = points.device.type == "cpu" if prune is None else prune
+    pruning = TrianglePruning(points, sq_norms, count) if prune else None
+    next_probe = 0 if prune else count  # without pruning no step ever probes
+    probe_wait = TrianglePruning.FIRST_WAIT  # when pruning does not pay, it is tried less often
     for step in tqdm(range(count), desc="Coreset", leave=False, mininterval=1.0):
         torch.max(min_dist, dim=0, out=top)  # first maximum, as argmax; faster than argmax in fp16 on CPU
         selected[step] = top[1]
-        pruning.add_center(top[1])
+        if pruning is not None:
+            pruning.add_center(top[1])
         candidates = pruning.candidates() if step >= next_probe else None
         if candidates is None:
             distances = sq_distances_to(top[1])
