@@ -7,6 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from anomaly.cli.predict import predict
+from anomaly.errors import DataError
 from anomaly.model_io import load_model
 
 
@@ -66,3 +67,9 @@ def test_model_file_of_another_format_version_is_refused(fitted_run, tmp_path):
     with pytest.raises(ValueError, match="format version 99"):
         load_model(newer)
     assert metadata["method"] == "padim"
+
+
+def test_nothing_readable_is_an_error_not_an_empty_success(fitted_run, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"None of the 1 input image\(s\) could be read"):
+        predict(predict_config(fitted_run, tmp_path / "broken.png"), tmp_path / "out")
