@@ -1,31 +1,74 @@
-"""Decision threshold and score normalisation, fitted on normal validation images only.
+"""Decision thresholds with a stated false-alarm guarantee, fitted on normal images only.
 
-The test set is never used here. With ``quantile = 0.99`` about 1 % of good parts like those in the
-validation split raise a false alarm. The normalised score is 0 for a typical good part and 1 at the
-threshold, so scores of different methods and runs share one scale.
+The user states a budget α (``threshold.false_alarm_rate``) and a confidence 1 − δ. From n image scores
+of normal images that the model did not fit on, the threshold is their k-th smallest score X₍ₖ₎, with k
+the smallest order for which a new good part exchangeable with them is flagged (score > X₍ₖ₎) with
+probability at most α, with confidence 1 − δ over the draw of the n images. For continuous scores
+F(X₍ₖ₎) ~ Beta(k, n − k + 1) whatever the score distribution, so
+
+    P(false-alarm rate ≤ α) = P(Binomial(n, 1 − α) ≤ k − 1) ≥ 1 − δ.
+
+This is Wilks' distribution-free one-sided tolerance limit (S. S. Wilks, "Determination of sample sizes
+for setting tolerance limits", Ann. Math. Statist. 12, 1941), the training-conditional ("PAC") guarantee
+of split conformal prediction (A. N. Angelopoulos and S. Bates, "A gentle introduction to conformal
+prediction and distribution-free uncertainty quantification", 2021, Sec. on conformal risk control and
+tolerance regions). When no k ≤ n suffices, the largest score is used, and the rate it guarantees,
+1 − δ^(1/n), is reported instead. The pixel threshold is the same order statistic over each normal image's
+map maximum: with it at most a share α_pix of good parts gets any false-positive pixel.
 """
 
+import logging
 from dataclasses import asdict, dataclass, fields
 
 import torch
+from scipy import stats
 from torch import Tensor
 
 from anomaly.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Guarantee:
+    """The order statistic chosen for one budget, and what it guarantees."""
+
+    threshold: float  # the k-th smallest normal score; above it is anomalous
+    order: int  # k (1-based), of num_images
+    num_images: int  # n
+    guaranteed_rate: float  # the false-alarm rate guaranteed at the confidence (<= the budget if met)
+    budget_met: bool
+
 
 @dataclass(frozen=True)
 class Calibration:
-    threshold: float  # image scores (and map values) at or above it are anomalous
-    normal_median: float  # median image score of the normal validation images
-    quantile: float  # the quantile of normal validation scores that gave the threshold
-    num_images: int  # how many normal validation images it was fitted on
+    """What ``anomaly-train`` fitted on normal images: thresholds, their guarantees, the scores themselves."""
+
+    threshold: float  # image scores above it are anomalous
+    pixel_threshold: float  # map values above it are defect pixels
+    normal_median: float  # median normal image score: the normalised score's 0
+    false_alarm_rate: float  # the image budget asked (α)
+    pixel_false_alarm_rate: float  # the budget for good parts with any false-positive pixel
+    confidence: float  # 1 − δ
+    guaranteed_rate: float  # the image false-alarm rate guaranteed at that confidence
+    pixel_guaranteed_rate: float
+    order: int  # the threshold is the order-th smallest of num_images normal scores
+    num_images: int
+    validation_upper_bound: float  # Clopper–Pearson upper bound of the rate observed on these scores
+    source: str  # where the normal scores came from (held-out split, calibration folder, cross-fit)
+    scores: tuple[float, ...] = ()  # the normal image scores (drift checks and model updates use them)
+    map_maxima: tuple[float, ...] = ()  # their maps' maxima (model updates refit the pixel threshold)
 
     def normalise(self, scores: Tensor) -> Tensor:
         """0 = a typical good part, 1 = at the threshold (same formula for image scores and maps)."""
         return (scores - self.normal_median) / max(self.threshold - self.normal_median, 1e-12)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"scores": list(self.scores), "map_maxima": list(self.map_maxima)}
+
+    def summary(self) -> dict[str, float | str]:
+        """Everything but the scores, for metrics.json and logs."""
+        return {key: value for key, value in asdict(self).items() if key not in ("scores", "map_maxima")}
 
     @classmethod
     def from_dict(cls, values: object) -> "Calibration | None":
@@ -35,32 +78,92 @@ class Calibration:
         names = {field.name for field in fields(cls)}
         if not isinstance(values, dict) or set(values) != names:
             raise ConfigError(f"calibration must have exactly the keys {sorted(names)}, got {values!r}")
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values.values()):
-            raise ConfigError(f"calibration values must be numbers, got {values!r}")
-        return cls(**values)
+        lists = {key: values[key] for key in ("scores", "map_maxima")}
+        numbers = [v for k, v in values.items() if k not in ("source", *lists)]
+        if not all(isinstance(v, list) for v in lists.values()):
+            raise ConfigError("calibration scores must be lists of numbers")
+        if not all(_is_number(v) for v in [*numbers, *lists["scores"], *lists["map_maxima"]]):
+            raise ConfigError("calibration values must be numbers")
+        if not isinstance(values["source"], str):
+            raise ConfigError("calibration source must be a string")
+        return cls(**{**values, **{key: tuple(float(v) for v in value) for key, value in lists.items()}})
 
 
-def fit_calibration(normal_scores: Tensor, quantile: float) -> Calibration:
-    """Threshold = the ``quantile`` of image scores of normal validation images ``[N]``."""
-    if normal_scores.numel() < 2:
-        raise ValueError(
-            f"calibration needs at least 2 normal validation images, got {normal_scores.numel()}: "
-            "raise dataset.val_fraction"
-        )
-    if not 0.0 < quantile < 1.0:
-        raise ValueError(f"threshold quantile must be in (0, 1), got {quantile}")
-    scores = normal_scores.double()
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def guaranteed_rate(order: int, num_images: int, confidence: float) -> float:
+    """The smallest α that the ``order``-th smallest of ``num_images`` normal scores guarantees at
+    ``confidence``: 1 − the (1 − confidence) quantile of Beta(order, n − order + 1)."""
+    return float(1 - stats.beta.ppf(1 - confidence, order, num_images - order + 1))
+
+
+def guarantee(scores: Tensor, budget: float, confidence: float) -> Guarantee:
+    """The smallest order statistic of ``scores [n]`` whose false-alarm rate is at most ``budget`` with
+    ``confidence``; the largest score (the best that n images allow) when none is."""
+    if not 0 < budget < 1 or not 0 < confidence < 1:
+        raise ConfigError(f"false-alarm budget and confidence must be in (0, 1), got {budget}, {confidence}")
+    num_images = scores.numel()
+    if num_images < 1:
+        raise ConfigError("a threshold needs normal images to calibrate on, got none")
+    # smallest k with P(Binomial(n, 1 - budget) <= k - 1) >= confidence
+    order = int(stats.binom.ppf(confidence, num_images, 1 - budget)) + 1
+    budget_met = order <= num_images
+    order = min(order, num_images)
+    threshold = float(scores.double().sort().values[order - 1])
+    return Guarantee(threshold, order, num_images, guaranteed_rate(order, num_images, confidence), budget_met)
+
+
+def clopper_pearson_upper(failures: int, trials: int, confidence: float) -> float:
+    """One-sided Clopper–Pearson upper bound of a rate with ``failures`` of ``trials``."""
+    return 1.0 if failures >= trials else float(stats.beta.ppf(confidence, failures + 1, trials - failures))
+
+
+def fit_calibration(
+    scores: Tensor,
+    map_maxima: Tensor,
+    false_alarm_rate: float,
+    pixel_false_alarm_rate: float,
+    confidence: float,
+    source: str,
+) -> Calibration:
+    """Thresholds for image scores ``[n]`` and maps (by each image's map maximum ``[n]``) of n normal
+    images the model did not fit on. Says in plain words when n cannot support the budget."""
+    scores, map_maxima = scores.double().flatten(), map_maxima.double().flatten()
+    image = guarantee(scores, false_alarm_rate, confidence)
+    pixel = guarantee(map_maxima, pixel_false_alarm_rate, confidence)
+    for what, result, budget in (("false-alarm", image, false_alarm_rate),
+                                 ("pixel false-alarm", pixel, pixel_false_alarm_rate)):  # fmt: skip
+        if not result.budget_met:
+            log.warning(
+                "With %d normal calibration images the lowest %s rate that can be guaranteed at %.0f %% is "
+                "%.0f %%, above the budget of %g %%: using it. Add normal images (dataset.calibration_dir, "
+                "dataset.val_fraction) or raise the budget.",
+                result.num_images, what, 100 * confidence, 100 * result.guaranteed_rate, 100 * budget,
+            )  # fmt: skip
+    observed = int((scores > image.threshold).sum())
     return Calibration(
-        threshold=float(torch.quantile(scores, quantile)),
+        threshold=image.threshold,
+        pixel_threshold=pixel.threshold,
         normal_median=float(torch.quantile(scores, 0.5)),
-        quantile=quantile,
-        num_images=scores.numel(),
+        false_alarm_rate=false_alarm_rate,
+        pixel_false_alarm_rate=pixel_false_alarm_rate,
+        confidence=confidence,
+        guaranteed_rate=image.guaranteed_rate,
+        pixel_guaranteed_rate=pixel.guaranteed_rate,
+        order=image.order,
+        num_images=image.num_images,
+        validation_upper_bound=clopper_pearson_upper(observed, image.num_images, confidence),
+        source=source,
+        scores=tuple(scores.tolist()),
+        map_maxima=tuple(map_maxima.tolist()),
     )
 
 
 def metrics_at_threshold(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, float]:
-    """Precision, recall, F1 and false-alarm rate of the decision ``score >= threshold``."""
-    predicted, labels = scores >= threshold, labels.bool()
+    """Precision, recall, F1 and false-alarm rate of the decision ``score > threshold``."""
+    predicted, labels = scores > threshold, labels.bool()
     true_positives = float((predicted & labels).sum())
     precision = true_positives / max(float(predicted.sum()), 1.0)
     recall = true_positives / max(float(labels.sum()), 1.0)
@@ -70,4 +173,18 @@ def metrics_at_threshold(scores: Tensor, labels: Tensor, threshold: float) -> di
         "recall_at_threshold": recall,
         "f1_at_threshold": 2 * precision * recall / max(precision + recall, 1e-12),
         "false_alarm_rate": float((predicted & ~labels).sum()) / max(float((~labels).sum()), 1.0),
+    }
+
+
+def drift(batch_scores: Tensor, calibration: Calibration) -> dict[str, float]:
+    """How far a batch's image scores moved from the calibration scores: the two-sample Kolmogorov–Smirnov
+    statistic (largest gap between the two empirical distributions) and its p-value, and the share of the
+    batch above the threshold. A batch of good parts like the calibration ones gives a large p-value."""
+    if not calibration.scores or batch_scores.numel() == 0:
+        return {}
+    test = stats.ks_2samp(batch_scores.double().numpy(), list(calibration.scores))
+    return {
+        "drift_ks_statistic": float(test.statistic),
+        "drift_p_value": float(test.pvalue),
+        "share_above_threshold": float((batch_scores > calibration.threshold).double().mean()),
     }

@@ -44,6 +44,7 @@ class LoadedModel:
     preprocessing: Preprocessing  # what turns a raw image into the model's input
     calibration: Calibration | None  # fitted on normal images only; None when the run had none
     config: dict  # the plain constructor values the model was rebuilt from
+    lineage: list[dict]  # the updates (anomaly-update) that led to this file, oldest first; [] if fitted
 
 
 def save_model(
@@ -53,6 +54,7 @@ def save_model(
     preprocessing: Preprocessing,
     path: Path,
     calibration: Calibration | None = None,
+    lineage: list[dict] | None = None,
 ) -> None:
     """Writes ``model``'s fitted state and what rebuilds it.
 
@@ -72,6 +74,7 @@ def save_model(
         "model": json.dumps(config),
         "preprocessing": json.dumps(preprocessing.to_dict()),
         "calibration": json.dumps(calibration.to_dict() if calibration else None),
+        "lineage": json.dumps(lineage or []),  # a record: never used to build anything
     }
     save_file(state, str(path), metadata=metadata)
 
@@ -115,7 +118,10 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
             f"{path} does not match its own config: missing tensors {missing[:5]}, unexpected "
             f"{result.unexpected_keys[:5]}. {GOOD_FILE_HINT}"
         )
-    return LoadedModel(model.to(device).eval(), method, preprocessing, calibration, config)
+    lineage = _json(metadata, "lineage", path)
+    if not isinstance(lineage, list):
+        raise ModelFileError(f"{path}: its lineage is not a list. {GOOD_FILE_HINT}")
+    return LoadedModel(model.to(device).eval(), method, preprocessing, calibration, config, lineage)
 
 
 def _read_metadata(path: Path) -> dict[str, str]:

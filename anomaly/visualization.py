@@ -57,26 +57,29 @@ def _hwc(image: Tensor):
 
 
 def save_prediction(
-    image: Tensor, anomaly_map: Tensor, score: float, threshold: float | None, stem: Path
+    image: Tensor,
+    anomaly_map: Tensor,
+    score: float,
+    threshold: float | None,
+    pixel_threshold: float | None,
+    stem: Path,
 ) -> None:
-    """``<stem>_overlay.png`` (image | heatmap, red = at or above the threshold) and, with a threshold,
-    ``<stem>_mask.png`` (binary defect mask at the evaluated resolution)."""
+    """``<stem>_overlay.png`` (image | heatmap, saturated red at the pixel threshold) and, with a pixel
+    threshold, ``<stem>_mask.png``: the defect mask ``map > pixel_threshold`` at the evaluated resolution."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     heat = anomaly_map.numpy()
     vmin = float(heat.min())
-    vmax = max(threshold if threshold is not None else float(heat.max()), vmin + 1e-6)
+    top = pixel_threshold if pixel_threshold is not None else float(heat.max())
     figure = Figure(figsize=(6, 3.2))
     axes = figure.subplots(1, 2)
     axes[0].imshow(_hwc(image))
     axes[1].imshow(_hwc(image))
-    axes[1].imshow(
-        heat, cmap="jet", alpha=0.5, vmin=float(heat.min()), vmax=max(vmax, float(heat.min()) + 1e-6)
-    )
-    verdict = "" if threshold is None else (" ANOMALOUS" if score >= threshold else " ok")
+    axes[1].imshow(heat, cmap="jet", alpha=0.5, vmin=vmin, vmax=max(top, vmin + 1e-6))
+    verdict = "" if threshold is None else (" ANOMALOUS" if score > threshold else " ok")
     axes[1].set_title(f"score {score:.3g}{verdict}", fontsize=9)
     for axis in axes:
         axis.axis("off")
     figure.tight_layout()
     figure.savefig(f"{stem}_overlay.png", dpi=80)
-    if threshold is not None:
-        Image.fromarray(((heat >= threshold) * 255).astype(np.uint8)).save(f"{stem}_mask.png")
+    if pixel_threshold is not None:
+        Image.fromarray(((heat > pixel_threshold) * 255).astype(np.uint8)).save(f"{stem}_mask.png")

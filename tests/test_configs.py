@@ -3,6 +3,7 @@ downloaded: random-init backbones), and every top-level config composes."""
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -14,12 +15,22 @@ from anomaly.cli.runtime import config_dir
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.errors import ConfigError
 from anomaly.methods import METHODS
+from anomaly.methods.base import FitOnceModel
 from anomaly.methods.lightning import AnomalyModule
 
 CONFIGS = config_dir()
 GROUPS = {
     group: sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
-    for group in ("dataset", "backbone", "method", "logger", "trainer", "experiment", "hparams_search")
+    for group in (
+        "dataset",
+        "backbone",
+        "method",
+        "logger",
+        "trainer",
+        "experiment",
+        "hparams_search",
+        "paper",
+    )
 }
 RANDOM_BACKBONE = ["backbone.weights=null"]  # built without weights: nothing to download or read
 
@@ -128,3 +139,35 @@ def test_distillation_pools_to_1024_from_a_resnet_and_384_from_lite0():
 def test_seed_zero_is_kept():
     cfg = compose_train(["seed=0", "method=padim"])
     assert cfg.method.model.seed == 0 and cfg.dataset.seed == 0
+
+
+@pytest.mark.filterwarnings("ignore:backbone .* is randomly initialised")
+@pytest.mark.parametrize("paper", sorted(p.stem for p in (CONFIGS / "paper").glob("*.yaml")))
+def test_every_paper_setting_composes_builds_and_scores_a_tiny_input(paper, tmp_path):
+    from anomaly.methods.efficientad.model import patch_description_network
+
+    overrides = [f"paper={paper}", "backbone.weights=null"]
+    if paper == "efficientad":  # the two files the paper's run needs, stood in for by a random teacher
+        torch.save(patch_description_network(384, "small").state_dict(), tmp_path / "teacher.pth")
+        (tmp_path / "penalty").mkdir()
+        overrides += [f"method.model.teacher_weights={tmp_path / 'teacher.pth'}",
+                      f"method.module.penalty_image_dir={tmp_path / 'penalty'}"]  # fmt: skip
+    cfg = compose_train(overrides)
+    assert cfg.method.name == paper
+    model = instantiate(cfg.method.model)
+    instantiate(cfg.method.module, model=model)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    if isinstance(model, FitOnceModel):
+        model.collect(images)
+        model.fit()
+    elif paper == "efficientad":
+        model.prepare([images])
+        model.eval().finalize([images])
+    output = model.eval()(images)
+    assert output.anomaly_map.shape == (2, 1, 64, 64) and torch.isfinite(output.image_score).all()
+
+
+def test_a_paper_setting_composes_with_the_mvtec_benchmark():
+    cfg = compose_train(["experiment=benchmark_mvtec", "paper=patchcore", "dataset.root=/data/mvtec_ad"])
+    assert cfg.backbone.name == "wide_resnet50_2" and cfg.method.model.features.pre_embed_dim == 1024
+    assert cfg.dataset.crop_size == 224 and "bottle" in cfg.hydra.sweeper.params["dataset.category"]

@@ -164,6 +164,7 @@ def test_map_quantiles_come_from_the_normal_validation_split_only(teachers, tmp_
     trainer = fit(model, data, max_steps=2, penalty_image_dir=str(penalty_images))
     assert "train/loss_penalty" in trainer.callback_metrics
 
+    model.eval()  # the quantiles are taken in eval mode (no dropout), as scoring runs
     val_images = torch.cat([batch["image"] for batch in data.calibration_dataloader()])
     expected_st, expected_ae = map_quantiles(model, val_images)  # one batch: equal up to float rounding
     assert torch.allclose(model.quantiles_st, expected_st, rtol=1e-4, atol=0)
@@ -274,3 +275,14 @@ def test_end_to_end_detects_generated_defects_and_reloads(distilled, tmp_path, r
     )  # fmt: skip
     data.setup()
     assert score_test_set(model, data)["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-6)
+
+
+def test_decoder_dropout_is_stochastic_in_training_and_off_in_eval():
+    torch.manual_seed(0)
+    autoencoder = AutoEncoder(32)
+    images = torch.rand(1, 3, SIZE, SIZE)
+    assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.2 for m in autoencoder.modules()) == 1
+    autoencoder.train()
+    assert not torch.equal(autoencoder(images, (8, 8)), autoencoder(images, (8, 8)))
+    autoencoder.eval()
+    assert torch.equal(autoencoder(images, (8, 8)), autoencoder(images, (8, 8)))

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from anomaly.backbones import FeatureExtractor
-from anomaly.calibration import Calibration
+from anomaly.calibration import fit_calibration
 from anomaly.data.preprocessing import Preprocessing
 from anomaly.errors import ModelFileError
 from anomaly.methods.padim.model import Padim
@@ -133,7 +133,8 @@ def test_a_fitted_model_round_trips_with_preprocessing_and_calibration(tmp_path)
     model.fit()
     config = {"_target_": "anomaly.methods.padim.model.Padim", "n_features": 20, "seed": 3,
               "backbone": {"_target_": "anomaly.backbones.FeatureExtractor", **BACKBONE}}  # fmt: skip
-    calibration = Calibration(threshold=2.0, normal_median=1.0, quantile=0.99, num_images=10)
+    scores = torch.linspace(1.0, 2.0, 60)
+    calibration = fit_calibration(scores, scores, 0.05, 0.05, 0.9, source="held-out split")
     save_model(
         model, "padim", config, Preprocessing([64, 64], None), tmp_path / "model.safetensors", calibration
     )

@@ -1,4 +1,5 @@
 import csv
+import json
 import shutil
 
 import pytest
@@ -20,8 +21,8 @@ def fitted_run(tmp_path_factory, run_training):
 
 def predict_config(model, input_spec, **overrides):
     base = {"model": str(model), "input": str(input_spec), "batch_size": 4, "num_workers": 0,
-            "device": "auto", "threshold": None, "save_overlays": True,
-            "reuse_freed_memory": True}  # fmt: skip
+            "device": "auto", "threshold": None, "pixel_threshold": None, "drift_alpha": 0.01,
+            "save_overlays": True, "reuse_freed_memory": True}  # fmt: skip
     return OmegaConf.create({**base, **overrides})
 
 
@@ -55,7 +56,9 @@ def test_predict_uses_the_saved_threshold_and_scores_like_the_model(fitted_run, 
     image = next(good_dir.glob("*.png"))
     rows = list(csv.DictReader(predict(predict_config(fitted_run, image), tmp_path / "out").open()))
     score = float(rows[0]["image_score"])
-    assert rows[0]["is_anomalous"] == str(int(score >= loaded.calibration.threshold))
+    assert rows[0]["is_anomalous"] == str(int(score > loaded.calibration.threshold))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["images"] == 1 and 0.0 <= summary["drift_p_value"] <= 1.0
 
 
 def test_model_file_of_another_format_version_is_refused(fitted_run, tmp_path):

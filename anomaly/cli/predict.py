@@ -1,7 +1,9 @@
 """``anomaly-predict``: score new images with a fitted model, as on a production line.
 
-Writes ``predictions.csv`` (path, image score, normalised score, is_anomalous, error), and per image a
-heatmap overlay and a binary defect mask, into its own output dir. An unreadable file is reported by
+Writes ``predictions.csv`` (path, image score, normalised score, is_anomalous, error), per image a
+heatmap overlay and a binary defect mask (the calibrated pixel threshold), and ``summary.json`` (the
+share above the threshold, and whether the batch's scores drifted from the calibration's), into its own
+output dir. An unreadable file is reported by
 name (CSV and log) and the rest are scored; if nothing could be scored the command fails. Images of
 another size or channel count go through the training preprocessing. The model file loads without the
 training data and without executing code.
@@ -9,6 +11,7 @@ training data and without executing code.
 
 import csv
 import glob
+import json
 import logging
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from anomaly.calibration import Calibration
+from anomaly.calibration import Calibration, drift
 from anomaly.cli.runtime import CONFIG_PATH, prepare_process, report_user_errors
 from anomaly.data.dataset import ImageDataset
 from anomaly.data.samples import Sample, list_images
@@ -62,7 +65,7 @@ def pick_device(name: str) -> torch.device:
 def prediction_row(path: str, score: float, calibration: Calibration | None, threshold: float | None) -> list:
     """One CSV row; the normalised score needs a calibration, the verdict a threshold."""
     normalised = f"{float(calibration.normalise(torch.tensor(score))):.4f}" if calibration else ""
-    anomalous = "" if threshold is None else int(score >= threshold)
+    anomalous = "" if threshold is None else int(score > threshold)
     return [path, f"{score:.6g}", normalised, anomalous, ""]
 
 
@@ -71,6 +74,9 @@ def predict(cfg: DictConfig, output_dir: Path) -> Path:
     device = pick_device(cfg.device)
     loaded = load_model(cfg.model, device=str(device))
     threshold = cfg.threshold if cfg.threshold is not None else getattr(loaded.calibration, "threshold", None)
+    pixel_threshold = cfg.pixel_threshold if cfg.pixel_threshold is not None else getattr(
+        loaded.calibration, "pixel_threshold", threshold
+    )  # fmt: skip
     if threshold is None:
         log.warning("The model has no calibrated threshold (trained with dataset.val_fraction=0) and "
                     "threshold= was not given: is_anomalous and masks are left empty.")  # fmt: skip
@@ -81,6 +87,7 @@ def predict(cfg: DictConfig, output_dir: Path) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     csv_path = output_dir / "predictions.csv"
     failures = written = 0
+    scores = []
     with csv_path.open("w", newline="") as handle, torch.inference_mode():
         writer = csv.writer(handle)
         writer.writerow(["path", "image_score", "normalised_score", "is_anomalous", "error"])
@@ -95,15 +102,37 @@ def predict(cfg: DictConfig, output_dir: Path) -> Path:
             for i, path in enumerate(batch["paths"]):
                 written += 1
                 score = float(output.image_score[i])
+                scores.append(score)
                 writer.writerow(prediction_row(path, score, loaded.calibration, threshold))
                 if cfg.save_overlays:
                     stem = output_dir / "images" / f"{written:05d}_{Path(path).stem}"
                     heat = output.anomaly_map[i, 0].float().cpu()
-                    save_prediction(batch["images"][i].cpu(), heat, score, threshold, stem)
+                    save_prediction(batch["images"][i].cpu(), heat, score, threshold, pixel_threshold, stem)
     log.info("Scored %d images (%d unreadable) → %s", written, failures, csv_path)
     if written == 0:
         raise DataError(f"None of the {failures} input image(s) could be read: see {csv_path}.")
+    summary = {"images": written, "unreadable": failures, "threshold": threshold}
+    if loaded.calibration is not None:
+        summary |= drift(torch.tensor(scores), loaded.calibration)
+        summary["drift_detected"] = summary["drift_p_value"] < cfg.drift_alpha
+        log_drift(summary, cfg.drift_alpha)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return csv_path
+
+
+def log_drift(summary: dict, alpha: float) -> None:
+    """The batch's share above threshold, and a warning when its scores moved from the calibration ones."""
+    message = (
+        f"{100 * summary['share_above_threshold']:.1f} % of the {summary['images']} images above the "
+        "threshold; "
+        f"scores against the calibration's: Kolmogorov-Smirnov {summary['drift_ks_statistic']:.3f}, "
+        f"p = {summary['drift_p_value']:.3g}"
+    )
+    if summary["drift_detected"]:
+        advice = "If these are good parts, the line has changed (light, camera, material): check it."
+        log.warning("%s: the scores have moved (p < %g). %s", message, alpha, advice)
+    else:
+        log.info("%s: no drift detected (p >= %g).", message, alpha)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")

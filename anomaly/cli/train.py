@@ -12,6 +12,7 @@ import resource
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -33,6 +34,8 @@ from anomaly.cli.runtime import (
     user_message,
 )
 from anomaly.data.datamodule import AnomalyDataModule
+from anomaly.errors import ConfigError
+from anomaly.methods.base import FitOnceModel
 from anomaly.methods.lightning import AnomalyModule
 from anomaly.model_io import save_model
 from anomaly.reports.records import RunRecord
@@ -67,14 +70,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
-    calibration = calibrate(trainer, module, datamodule, cfg.threshold_quantile)
+    calibration = calibrate(cfg, trainer, module, datamodule)
     fit_seconds = time.perf_counter() - start
     model_config = OmegaConf.to_container(cfg.method.model, resolve=True)
     path = output_dir / "model.safetensors"
     save_model(model, cfg.method.name, model_config, datamodule.preprocessing, path, calibration)
 
     start = time.perf_counter()
-    test(trainer, module, datamodule, calibration)
+    test(cfg, trainer, module, datamodule, calibration)
     test_seconds = time.perf_counter() - start
 
     metrics = {
@@ -83,8 +86,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "test_seconds": round(test_seconds, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    summary = calibration.summary() if calibration else None
+    (output_dir / "metrics.json").write_text(json.dumps({**metrics, "calibration": summary}, indent=2) + "\n")
     record = run_record(cfg, "ok", metrics=module.test_metrics)
+    record.calibration = summary
     record.timings = {key: metrics[key] for key in ("fit_seconds", "test_seconds", "peak_rss_mb")}
     record.skipped_files = [problem.describe() for problem in datamodule.bad_files]
     record.sample_images = [example["path"] for example in module.examples]
@@ -100,30 +105,85 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def calibrate(
-    trainer: pl.Trainer, module: AnomalyModule, datamodule: AnomalyDataModule, quantile: float
+    cfg: DictConfig, trainer: pl.Trainer, module: AnomalyModule, datamodule: AnomalyDataModule
 ) -> Calibration | None:
-    """The decision threshold from the scores of the held-out normal images (never the test set)."""
-    if len(datamodule.val_samples) < 2:
-        count = len(datamodule.val_samples)
-        log.warning("%d held-out normal image(s): no threshold. Set dataset.val_fraction > 0 for one.", count)
+    """The decision thresholds, from normal images the model did not fit on (never the test set)."""
+    settings = cfg.threshold
+    source = calibration_source(settings.source, datamodule, module.model)
+    if source is None:
         return None
-    outputs = trainer.predict(module, dataloaders=datamodule.calibration_dataloader())
-    scores = torch.cat([output["image_score"] for output in outputs])
-    return fit_calibration(scores, quantile)
+    if source == "cross_fit":
+        device = trainer.strategy.root_device  # Lightning hands the model back on the CPU after fitting
+        model = module.model.to(device)
+        loaders = datamodule.fold_dataloaders(settings.folds)
+        folds = [partial(images_on, loader, device) for loader in loaders]
+        with torch.no_grad():
+            scores, maxima = model.cross_fit_scores(folds, lambda: instantiate(cfg.method.model).to(device))
+        where = f"cross-fit over the {len(datamodule.train_samples)} training images ({settings.folds} folds)"
+    else:
+        outputs = trainer.predict(module, dataloaders=datamodule.calibration_dataloader())
+        scores = torch.cat([output["image_score"] for output in outputs])
+        maxima = torch.cat([output["map_max"] for output in outputs])
+        where = "dataset.calibration_dir" if source == "folder" else "held-out split of the training images"
+    return fit_calibration(
+        scores.cpu(), maxima.cpu(), settings.false_alarm_rate, settings.pixel_false_alarm_rate,
+        settings.confidence, where,
+    )  # fmt: skip
+
+
+def calibration_source(setting: str, datamodule: AnomalyDataModule, model) -> str | None:
+    """Where the normal scores come from: ``folder``, ``validation``, ``cross_fit`` or None (no threshold)."""
+    available = {
+        "folder": datamodule.calibration_dir is not None,
+        "validation": bool(datamodule.val_samples) and datamodule.calibration_dir is None,
+        "cross_fit": isinstance(model, FitOnceModel),
+    }
+    if setting == "none":
+        return None
+    if setting == "auto":
+        source = next((name for name, ok in available.items() if ok), None)
+        if source is None:
+            log.warning(
+                "No normal images to calibrate a threshold on: set dataset.val_fraction > 0 or "
+                "dataset.calibration_dir=<folder of good parts>. The run has no threshold."
+            )
+        return source
+    if setting not in available:
+        raise ConfigError(
+            f"threshold.source must be auto, folder, validation, cross_fit or none, got {setting!r}"
+        )
+    if not available[setting]:
+        raise ConfigError(
+            f"threshold.source={setting} needs " + {
+                "folder": "dataset.calibration_dir", "validation": "dataset.val_fraction > 0",
+                "cross_fit": "a fit-once method (PaDiM, PatchCore)",
+            }[setting]
+        )  # fmt: skip
+    return setting
+
+
+def images_on(loader, device: torch.device):
+    """The images of ``loader``'s batches, on ``device``."""
+    return (batch["image"].to(device) for batch in loader)
 
 
 def test(
-    trainer: pl.Trainer, module: AnomalyModule, datamodule: AnomalyDataModule, calibration: Calibration | None
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    module: AnomalyModule,
+    datamodule: AnomalyDataModule,
+    calibration: Calibration | None,
 ) -> None:
-    """Test metrics at the calibrated threshold, and the heatmap examples (spread over the test set)."""
+    """Test metrics at the calibrated thresholds, and the heatmap examples (spread over the test set)."""
     labels = {sample.label for sample in datamodule.test_samples}
     if labels != {0, 1}:
         kind = "good" if labels == {0} else "defective"
-        log.warning(
-            "The test set has only %s images (%d): no test metrics.", kind, len(datamodule.test_samples)
-        )
+        count = len(datamodule.test_samples)
+        log.warning("The test set has only %s images (%d): no test metrics.", kind, count)
         return
     module.threshold = calibration.threshold if calibration else None
+    module.pixel_threshold = calibration.pixel_threshold if calibration else None
+    module.aupro_fpr_limit = cfg.evaluation.aupro_fpr_limit
     module.pixel_metrics = datamodule.has_pixel_ground_truth()
     if not module.pixel_metrics:
         log.warning("The defective test images have no masks: image metrics only, no pixel metrics.")
@@ -212,9 +272,28 @@ def record_failure(cfg: DictConfig, error: BaseException) -> None:
 def print_summary(record: RunRecord, output_dir: Path) -> None:
     title = " | ".join(filter(None, (record.method, record.backbone, record.category)))
     values = {**record.metrics, **record.timings}
-    rows = "\n".join(f"  {key:<24} {value:>10.4f}" for key, value in values.items())
+    rows = "\n".join(f"  {key:<38} {value:>10.4f}" for key, value in values.items())
     skipped = f"\n  skipped files: {len(record.skipped_files)} (run.json)" if record.skipped_files else ""
-    print(f"\n{title}\n{rows}{skipped}\n  outputs: {output_dir}\n", flush=True)
+    calibration = describe_calibration(record.calibration)
+    print(f"\n{title}\n{rows}{skipped}\n{calibration}\n  outputs: {output_dir}\n", flush=True)
+
+
+def describe_calibration(calibration: dict | None) -> str:
+    """The thresholds' guarantee in words."""
+    if calibration is None:
+        return "  no threshold (no normal images to calibrate on)"
+    c = calibration
+    met = (
+        ""
+        if c["guaranteed_rate"] <= c["false_alarm_rate"]
+        else f" (budget {100 * c['false_alarm_rate']:g} %)"
+    )
+    return (
+        f"  threshold {c['threshold']:.6g} from {c['num_images']} normal images ({c['source']}): at most "
+        f"{100 * c['guaranteed_rate']:.1f} % false alarms on good parts with {100 * c['confidence']:.0f} % "
+        f"confidence{met}; pixel threshold {c['pixel_threshold']:.6g}: at most "
+        f"{100 * c['pixel_guaranteed_rate']:.1f} % of good parts with any false-positive pixel"
+    )
 
 
 def run_job(cfg: DictConfig) -> float | None:

@@ -8,6 +8,7 @@ before any work, the counts logged, a normal-only validation split carved from t
 
 import logging
 from collections import Counter
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -17,7 +18,7 @@ from anomaly.allocator import release_freed_memory
 from anomaly.data.check import Problem, check_samples, problem_report
 from anomaly.data.dataset import ImageDataset
 from anomaly.data.preprocessing import Preprocessing
-from anomaly.data.samples import Sample, SkippedFile
+from anomaly.data.samples import Sample, SkippedFile, list_images_recursive
 from anomaly.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         val_fraction: float = 0.0,
         seed: int = 0,
         on_bad_file: str = "error",
+        calibration_dir: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -73,8 +75,9 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
         self.on_bad_file = on_bad_file
+        self.calibration_dir = Path(calibration_dir).expanduser() if calibration_dir else None
         self.train_samples: list[Sample] = []
-        self.val_samples: list[Sample] = []
+        self.val_samples: list[Sample] = []  # held-out normal images: the validation split or calibration_dir
         self.test_samples: list[Sample] = []
         self.skipped: list[SkippedFile] = []  # seen and not used: other extensions, hidden files, ...
         self.bad_files: list[Problem] = []  # failed the data check and left out (on_bad_file=skip)
@@ -93,7 +96,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         if self.train_samples:
             return
         train, test = self.load_samples()
-        problems = check_samples([*train, *test], description=f"Checking {self.name}")
+        calibration = self._calibration_samples()
+        problems = check_samples([*train, *test, *calibration], description=f"Checking {self.name}")
         if problems and self.on_bad_file == "error":
             raise DataError(
                 problem_report(problems, self.name, len(train) + len(test))
@@ -106,19 +110,32 @@ class AnomalyDataModule(pl.LightningDataModule):
             bad = {problem.sample for problem in problems}
             train = [sample for sample in train if sample not in bad]
             test = [sample for sample in test if sample not in bad]
+            calibration = [sample for sample in calibration if sample not in bad]
             self.bad_files = problems
         if not train:
             raise DataError(f"No usable training images in {self.name}.")
         self.test_samples = test
         self.train_samples, self.val_samples = split_validation(train, self.val_fraction, self.seed)
+        if calibration:  # a folder of normal images beside the training ones: every training image trains
+            self.train_samples, self.val_samples = train, calibration
         log.info(self.summary())
+
+    def _calibration_samples(self) -> list[Sample]:
+        """The normal images of ``calibration_dir`` (anywhere below it), none without one."""
+        if self.calibration_dir is None:
+            return []
+        paths = list_images_recursive(self.calibration_dir)
+        if not paths:
+            raise DataError(f"dataset.calibration_dir={self.calibration_dir} holds no images.")
+        return [Sample(path, 0, None, "good") for path in paths]
 
     def summary(self) -> str:
         """Counts per split and what was not used, for the log."""
         test = Counter(sample.label for sample in self.test_samples)
         masks = sum(sample.mask_path is not None for sample in self.test_samples)
+        held_out = f"{len(self.val_samples)}{' (calibration_dir)' if self.calibration_dir else ''}"
         lines = [
-            f"Data {self.name}: train {len(self.train_samples)} images, validation {len(self.val_samples)}, "
+            f"Data {self.name}: train {len(self.train_samples)} images, held-out normal {held_out}, "
             f"test {len(self.test_samples)} ({test[0]} good, {test[1]} defective, {masks} masks)"
         ]
         if self.skipped:
@@ -148,6 +165,15 @@ class AnomalyDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_samples, shuffle=True)
+
+    def fold_dataloaders(self, folds: int) -> list[DataLoader]:
+        """The training images in ``folds`` seeded, disjoint folds of (almost) equal size, a loader each."""
+        if not 2 <= folds <= len(self.train_samples):
+            raise ConfigError(f"threshold.folds must be in [2, {len(self.train_samples)}], got {folds}")
+        order = torch.randperm(len(self.train_samples), generator=torch.Generator().manual_seed(self.seed))
+        return [
+            self._loader([self.train_samples[i] for i in part.tolist()], False) for part in order.chunk(folds)
+        ]
 
     def calibration_dataloader(self) -> DataLoader:
         """The held-out normal images (validation split): thresholds and EfficientAD's map quantiles.

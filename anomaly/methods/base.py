@@ -16,7 +16,7 @@ resizes them instead of failing on the shape mismatch. The Lightning glue for bo
 :mod:`anomaly.methods.lightning`.
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -56,6 +56,33 @@ class FitOnceModel(AnomalyModel):
     def fit(self) -> None:
         """Turns everything collected into the fitted state (buffers); frees the collection."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def cross_fit_scores(
+        self, folds: Sequence[Callable[[], Iterable[Tensor]]], new_model: Callable[[], "FitOnceModel"]
+    ) -> tuple[Tensor, Tensor]:
+        """Image scores ``[n]`` and map maxima ``[n]`` of every training image, each from a model fitted
+        on the other folds only (held-out scores for calibration; the fitted model is not changed).
+
+        ``folds[f]()`` yields fold f's image batches. By default one ``new_model()`` is fitted per fold;
+        a method that can leave a fold out more cheaply overrides this (PaDiM subtracts statistics).
+        """
+        scores, maxima = [], []
+        for held_out in range(len(folds)):
+            model = new_model().eval()
+            for other, fold in enumerate(folds):
+                for images in fold() if other != held_out else ():
+                    model.collect(images)
+            model.fit()
+            for images in folds[held_out]():
+                output = model(images)
+                scores.append(output.image_score)
+                maxima.append(output.anomaly_map.amax(dim=(1, 2, 3)))
+        return torch.cat(scores), torch.cat(maxima)
+
+    def update(self, batches: Iterable[Tensor]) -> None:
+        """Learns new normal images without a refit (``anomaly-update``); not every method can."""
+        raise NotImplementedError(f"{type(self).__name__} cannot add images to a fitted model: refit it")
 
 
 class TrainedModel(AnomalyModel):

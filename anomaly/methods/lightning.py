@@ -17,8 +17,9 @@ from anomaly.metrics import Evaluator
 class AnomalyModule(pl.LightningModule):
     """Scores images; :attr:`test_metrics` and :attr:`examples` are read by the entry point afterwards.
 
-    Before testing, the entry point sets :attr:`threshold` (calibrated on normal images, or None),
-    :attr:`example_ids` (test-set positions kept for heatmaps) and :attr:`pixel_metrics`.
+    Before testing, the entry point sets :attr:`threshold` and :attr:`pixel_threshold` (calibrated on
+    normal images, or None), :attr:`example_ids` (test-set positions kept for heatmaps),
+    :attr:`pixel_metrics` and :attr:`aupro_fpr_limit`.
     """
 
     def __init__(self, model: AnomalyModel, num_examples: int = 8) -> None:
@@ -26,6 +27,8 @@ class AnomalyModule(pl.LightningModule):
         self.model = model
         self.num_examples = num_examples
         self.threshold: float | None = None
+        self.pixel_threshold: float | None = None
+        self.aupro_fpr_limit = 0.3
         self.example_ids: set[int] = set()
         self.pixel_metrics = True
         self.test_metrics: dict[str, float] = {}
@@ -34,15 +37,15 @@ class AnomalyModule(pl.LightningModule):
         self._seen = 0
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        """Image scores ``[B]`` and anomaly maps ``[B, 1, H, W]``, on the CPU."""
+        """Image scores ``[B]`` and each map's maximum ``[B]``, on the CPU (what calibration needs)."""
         output = self.model(batch["image"])
         return {
             "image_score": output.image_score.float().cpu(),
-            "anomaly_map": output.anomaly_map.float().cpu(),
+            "map_max": output.anomaly_map.amax(dim=(1, 2, 3)).float().cpu(),
         }
 
     def on_test_start(self) -> None:
-        self._evaluator = Evaluator(compute_pixel_metrics=self.pixel_metrics)
+        self._evaluator = Evaluator(self.pixel_metrics, self.aupro_fpr_limit)
         self.examples, self._seen = [], 0
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -63,7 +66,7 @@ class AnomalyModule(pl.LightningModule):
         self._seen += len(output.image_score)
 
     def on_test_epoch_end(self) -> None:
-        self.test_metrics = self._evaluator.compute(self.threshold)
+        self.test_metrics = self._evaluator.compute(self.threshold, self.pixel_threshold)
         self._evaluator = None
         self.log_dict({f"test/{k}": v for k, v in self.test_metrics.items()})
 

@@ -5,7 +5,8 @@ from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc, binary_precision_recall_curve
 
 from anomaly.calibration import metrics_at_threshold
-from anomaly.metrics.aupro import pixel_auroc_and_aupro
+from anomaly.errors import ConfigError
+from anomaly.metrics.aupro import pixel_auroc_and_aupro, pixel_decisions
 
 
 class Evaluator:
@@ -15,8 +16,11 @@ class Evaluator:
     Pixel metrics are computed only when ``compute_pixel_metrics`` is on and masks were given.
     """
 
-    def __init__(self, compute_pixel_metrics: bool = True) -> None:
+    def __init__(self, compute_pixel_metrics: bool = True, aupro_fpr_limit: float = 0.3) -> None:
+        if not 0 < aupro_fpr_limit <= 1:
+            raise ConfigError(f"the AUPRO false-positive-rate limit must be in (0, 1], got {aupro_fpr_limit}")
         self.compute_pixel_metrics = compute_pixel_metrics
+        self.aupro_fpr_limit = aupro_fpr_limit
         self.reset()
 
     def reset(self) -> None:
@@ -54,14 +58,18 @@ class Evaluator:
         self._scores.append(image_scores.detach().to("cpu", torch.float32))
         self._labels.append(labels.detach().to("cpu", torch.bool))
 
-    def compute(self, threshold: float | None = None) -> dict[str, float]:
+    def compute(
+        self, threshold: float | None = None, pixel_threshold: float | None = None
+    ) -> dict[str, float]:
         """Metrics over everything collected.
 
         Keys: ``image_auroc``, ``image_f1_max``, ``image_f1_threshold`` and, with pixel metrics,
-        ``pixel_auroc`` (over all pixels of all images) and ``pixel_aupro``; with a ``threshold``
-        (calibrated on normal validation images, never on this set) also precision, recall, F1 and
-        false-alarm rate at it. Raises ``ValueError`` when a metric is undefined, e.g. when the test
-        set holds only one class.
+        ``pixel_auroc`` (over all pixels of all images) and ``pixel_aupro`` (up to ``aupro_fpr_limit``);
+        with a ``threshold`` (calibrated on normal images, never on this set) also precision, recall, F1
+        and false-alarm rate at it; with a ``pixel_threshold`` the quality of the masks ``map >
+        pixel_threshold``: :func:`pixel_decisions`, and on the good images the share with any pixel
+        above it and the mean share of their pixels above it. Raises ``ValueError`` when a metric is
+        undefined, e.g. when the test set holds only one class.
         """
         if not self._scores:
             raise ValueError("no batch to evaluate: update() was never called")
@@ -74,7 +82,16 @@ class Evaluator:
         if self._masks:
             maps, masks = _merge(self._maps), _merge(self._masks)
             _require_both_classes(masks, "pixel metrics", "pixels")
-            metrics["pixel_auroc"], metrics["pixel_aupro"] = pixel_auroc_and_aupro(maps, masks)
+            metrics["pixel_auroc"], metrics["pixel_aupro"] = pixel_auroc_and_aupro(
+                maps, masks, self.aupro_fpr_limit
+            )
+            if pixel_threshold is not None:
+                metrics["pixel_threshold"] = pixel_threshold
+                metrics.update(pixel_decisions(maps, masks, pixel_threshold))
+        if pixel_threshold is not None and self._maps:
+            above = _merge(self._maps)[~labels].flatten(1) > pixel_threshold  # [good images, pixels]
+            metrics["good_images_with_false_positive_pixels"] = float(above.any(dim=1).double().mean())
+            metrics["good_false_positive_area"] = float(above.double().mean())
         return metrics
 
 

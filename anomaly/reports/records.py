@@ -25,6 +25,7 @@ class RunRecord:
     error: str | None = None  # the failure, one line
     skipped_files: list[str] = field(default_factory=list)  # left out by dataset.on_bad_file=skip
     sample_images: list[str] = field(default_factory=list)  # test images of the heatmaps (export's parity)
+    calibration: dict | None = None  # the thresholds and their guarantees (Calibration.summary())
     wandb: dict | None = None  # the run's wandb logger settings (project, offline) for the sweep's summary
 
     def write(self, run_dir: Path) -> None:

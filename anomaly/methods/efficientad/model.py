@@ -76,8 +76,9 @@ def patch_description_network(out_channels: int, model_size: str, padding: bool 
 
 
 class AutoEncoder(nn.Module):
-    """The reference autoencoder: six stride-2 convolutions and an 8×8 one down to a 64-d code, then
-    bilinear upsampling + 4×4 convolutions back to the teacher's ``[B, out_channels, h, w]`` grid.
+    """The reference autoencoder: six stride-2 convolutions and an 8×8 one down to a 64-d code, then six
+    stages of bilinear upsampling, 4×4 convolution, ReLU and dropout (0.2, active in training only) and
+    a head back to the teacher's ``[B, out_channels, h, w]`` grid.
 
     The decoder's intermediate sizes are derived from the input size as anomalib does; at 256 px they
     are the reference's 3, 8, 15, 32, 63, 127. Below 256 px the encoder's last map is smaller than the
@@ -93,6 +94,7 @@ class AutoEncoder(nn.Module):
             self.encoder.extend([nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1), nn.ReLU()])
         self.bottleneck = nn.Conv2d(64, 64, kernel_size=8)
         self.up_convs = nn.ModuleList(nn.Conv2d(64, 64, kernel_size=4, padding=2) for _ in range(6))
+        self.dropout = nn.Dropout(0.2)  # after each of the six stages, as the references (training only)
         self.head = nn.Sequential(
             nn.Conv2d(64, 64, kernel_size=3, padding=1), nn.ReLU(), nn.Conv2d(64, out_channels, 3, padding=1)
         )
@@ -105,7 +107,7 @@ class AutoEncoder(nn.Module):
             x = F.pad(x, (short[1] // 2, short[1] - short[1] // 2, short[0] // 2, short[0] - short[0] // 2))
         x = self.bottleneck(x)
         for size, conv in zip(_decoder_sizes(images.shape[-2:]), self.up_convs, strict=True):
-            x = F.relu(conv(F.interpolate(x, size=size, mode="bilinear")))
+            x = self.dropout(F.relu(conv(F.interpolate(x, size=size, mode="bilinear"))))
         return self.head(F.interpolate(x, size=output_size, mode="bilinear"))
 
 

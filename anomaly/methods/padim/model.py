@@ -12,6 +12,9 @@ batch's mean), so memory does not grow with the train set. Each batch adds into 
 into the float64 total every ``FLOAT32_RUN`` images, which bounds its rounding error.
 """
 
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -52,7 +55,9 @@ class Padim(FitOnceModel):
         self.blur_sigma = blur_sigma
         self.position_block = position_block
         register_fitted_buffer(self, "mean")  # [P, D]
-        register_fitted_buffer(self, "inv_covariance")  # [P, D, D]
+        register_fitted_buffer(self, "covariance")  # [P, D, D] sample covariance (no ε): for updates
+        register_fitted_buffer(self, "inv_covariance")  # [P, D, D] of covariance + ε·I
+        register_fitted_buffer(self, "count")  # [] images the statistics are over
         self._count = 0  # images in the float64 totals
         self._run_count = 0  # images in the float32 sums, not yet in the totals
         self._shift: Tensor | None = None  # [P, D]
@@ -117,20 +122,70 @@ class Padim(FitOnceModel):
 
     @torch.no_grad()
     def fit(self) -> None:
+        self._set_statistics(self._collected_statistics())
+
+    @torch.no_grad()
+    def update(self, batches: Iterable[Tensor]) -> None:
+        """Adds normal images to the fitted statistics: the same model as fitting on all images at once,
+        up to float rounding (counts, means and covariances combine exactly; Chan et al. 1979)."""
+        for images in batches:
+            self.collect(images)
+        self._set_statistics(combine(self.statistics(), self._collected_statistics()))
+
+    def statistics(self) -> "Statistics":
+        """The fitted Gaussians in float64: count, means ``[P, D]`` and sample covariances ``[P, D, D]``."""
+        return Statistics(int(self.count), self.mean.double(), self.covariance.double())
+
+    def _collected_statistics(self) -> "Statistics":
+        """The statistics of everything collected since the last fit, which frees the collection."""
         if self._shift is not None:
             self._flush_run()
         if self._count < 2:
             raise RuntimeError(f"PaDiM needs at least 2 training images, got {self._count}")
         n = self._count
         shifted_mean = self._sum / n
-        # covariance = (Σ x·xᵀ − n·m·mᵀ) / (n − 1) + ε·I, in place on the float64 total
+        # covariance = (Σ x·xᵀ − n·m·mᵀ) / (n − 1), in place on the float64 total
         covariance = self._outer_sum.baddbmm_(shifted_mean[:, :, None], shifted_mean[:, None, :], alpha=-n)
         covariance /= n - 1
-        covariance.diagonal(dim1=-2, dim2=-1).add_(self.covariance_epsilon)
-        self.mean = (shifted_mean + self._shift.double()).float()
-        self.inv_covariance = torch.linalg.inv(covariance).float().contiguous()
+        statistics = Statistics(n, shifted_mean + self._shift.double(), covariance)
         self._count, self._shift, self._sum, self._outer_sum = 0, None, None, None
         self._run_sum, self._run_outer_sum = None, None
+        return statistics
+
+    def _set_statistics(self, statistics: "Statistics") -> None:
+        self.count = torch.tensor(statistics.count, device=statistics.mean.device)
+        self.mean = statistics.mean.float()
+        self.covariance = statistics.covariance.float()
+        self.inv_covariance = regularised_inverse(statistics.covariance, self.covariance_epsilon)
+
+    @torch.no_grad()
+    def cross_fit_scores(
+        self, folds: Sequence[Callable[[], Iterable[Tensor]]], new_model: Callable[[], FitOnceModel]
+    ) -> tuple[Tensor, Tensor]:
+        """Held-out scores by subtraction: each fold's model is the fitted statistics minus the fold's, so
+        the backbone sees each training image once more and nothing is refitted from scratch."""
+        total, scores = self.statistics(), []
+        for fold in folds:
+            batches = [(self.embed(images).float(), tuple(images.shape[-2:])) for images in fold()]
+            embedding = torch.cat([x for x, _ in batches], dim=2)  # [h, w, n_f, D]
+            height, width = embedding.shape[:2]
+            rest = subtract(total, embedding_statistics(embedding.flatten(0, 1)))
+            rest.covariance.diagonal(dim1=-2, dim2=-1).add_(self.covariance_epsilon)
+            # Cholesky and a triangular solve: the same distances as through the inverse, at 1/2 the cost
+            factor = torch.linalg.cholesky(rest.covariance)  # [P, D, D]
+            start = 0
+            for x, size in batches:
+                delta = (
+                    embedding[:, :, start : start + x.shape[2]].flatten(0, 1).double() - rest.mean[:, None]
+                )
+                solved = torch.linalg.solve_triangular(
+                    factor, delta.transpose(1, 2), upper=False
+                )  # [P, D, B]
+                distances = solved.square_().sum(dim=1).sqrt_().float()  # [P, B]
+                scores.append(self._maps(distances, height, width, size).image_score)
+                start += x.shape[2]
+        image_scores = torch.cat(scores)
+        return image_scores, image_scores  # the image score is the map maximum
 
     @property
     def is_fitted(self) -> bool:
@@ -141,10 +196,14 @@ class Padim(FitOnceModel):
         if not self.is_fitted:
             raise RuntimeError("PaDiM is not fitted: train it (anomaly-train) or load a fitted model first.")
         embedding = self.embed(images)
-        height, width, batch, _ = embedding.shape
+        height, width = embedding.shape[:2]
         distances = self.mahalanobis(embedding.flatten(0, 1))  # [P, B]
-        patch_scores = distances.T.reshape(batch, 1, height, width)
-        anomaly_map = upsample_and_blur(patch_scores, tuple(images.shape[-2:]), self.blur_sigma)
+        return self._maps(distances, height, width, tuple(images.shape[-2:]))
+
+    def _maps(self, distances: Tensor, height: int, width: int, image_size: tuple[int, int]) -> AnomalyOutput:
+        """Maps and scores from per-position distances ``[P, B]`` on the ``height × width`` grid."""
+        patch_scores = distances.T.reshape(-1, 1, height, width)
+        anomaly_map = upsample_and_blur(patch_scores, image_size, self.blur_sigma)
         return AnomalyOutput(anomaly_map, anomaly_map.amax(dim=(1, 2, 3)))
 
     def mahalanobis(self, x: Tensor) -> Tensor:
@@ -155,6 +214,53 @@ class Padim(FitOnceModel):
             delta = x[block] - self.mean[block, None]
             out[block] = (torch.bmm(delta, self.inv_covariance[block]) * delta).sum(-1)
         return out.clamp_min_(0).sqrt_()
+
+
+class Statistics(NamedTuple):
+    """Gaussians per position, in float64: how many images, their means ``[P, D]`` and sample
+    covariances ``[P, D, D]`` (divided by count − 1)."""
+
+    count: int
+    mean: Tensor
+    covariance: Tensor
+
+
+def embedding_statistics(x: Tensor) -> Statistics:
+    """The statistics of embeddings ``x [P, n, D]`` (float64; the centred products in float32, where
+    centring has removed what would cancel)."""
+    mean = x.double().mean(dim=1)
+    centred = x - mean[:, None].to(x.dtype)
+    scatter = torch.bmm(centred.transpose(1, 2), centred).double()
+    return Statistics(x.shape[1], mean, scatter.div_(x.shape[1] - 1))
+
+
+def combine(a: Statistics, b: Statistics) -> Statistics:
+    """The statistics of the union of two disjoint sets of images (Chan, Golub and LeVeque's update)."""
+    count = a.count + b.count
+    delta = b.mean - a.mean
+    mean = a.mean + delta * (b.count / count)
+    scatter = a.covariance * (a.count - 1) + b.covariance * (b.count - 1)
+    scatter += delta[:, :, None] * delta[:, None, :] * (a.count * b.count / count)
+    return Statistics(count, mean, scatter / (count - 1))
+
+
+def subtract(total: Statistics, part: Statistics) -> Statistics:
+    """The statistics of ``total``'s images without ``part``'s (the inverse of :func:`combine`)."""
+    count = total.count - part.count
+    if count < 2:
+        raise RuntimeError(f"PaDiM needs at least 2 images left after removing {part.count} of {total.count}")
+    mean = (total.mean * total.count - part.mean * part.count) / count
+    delta = part.mean - mean
+    scatter = (total.covariance * (total.count - 1)).sub_(part.covariance, alpha=part.count - 1)
+    scatter.baddbmm_(delta[:, :, None], delta[:, None, :], alpha=-count * part.count / total.count)
+    return Statistics(count, mean, scatter.div_(count - 1))
+
+
+def regularised_inverse(covariance: Tensor, epsilon: float) -> Tensor:
+    """float32 inverses ``[P, D, D]`` of covariance + ε·I, computed in float64."""
+    regularised = covariance.to(torch.float64, copy=True)
+    regularised.diagonal(dim1=-2, dim2=-1).add_(epsilon)
+    return torch.linalg.inv(regularised).float().contiguous()
 
 
 def _refuse_unsorted_channels(model: Padim, incompatible_keys: object) -> None:

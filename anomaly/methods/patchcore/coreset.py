@@ -13,6 +13,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from anomaly.errors import ConfigError
+from anomaly.methods.patchcore.nearest_neighbors import build_index
 
 _PROJECTION_CHUNK_ROWS = 65536
 
@@ -64,21 +65,48 @@ class ApproximateGreedyCoreset:
         starts = torch.randperm(num_points, generator=generator)[: self.num_starting_points]
         return greedy_k_center(points, self.num_selected(num_points), starts.to(features.device))
 
+    def extend(self, selected: Tensor, features: Tensor) -> Tensor:
+        """Indices ``[n]`` into ``features [N, D]`` that extend the coreset ``selected [M, D]`` greedily:
+        ``int(N * ratio)`` new points, each the one farthest from everything selected so far, starting
+        from the current selection (the distance of a new point to the selection is at first its
+        distance to its nearest ``selected`` row). In the same random projection as :meth:`select`."""
+        if self.ratio == 1:
+            return torch.arange(len(features), device=features.device)
+        generator = torch.Generator().manual_seed(self.seed)  # the same projection matrix as select()
+        mean = features.mean(dim=0, dtype=torch.float32)
+        matrix = projection_matrix(features.shape[1], self.projection_dim, generator, features.device)
+        points = project(features, matrix, mean, self.dtype)
+        bank = project(selected, matrix, mean, torch.float32)
+        nearest = build_index(bank, "torch").search(points.float(), 1)[0][:, 0]  # exact distances
+        return greedy_k_center(points, self.num_selected(len(features)), initial_sq_dist=nearest.square())
+
 
 def random_projection(features: Tensor, dim: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
     """Centred, projected features ``[N, dim]`` in ``dtype``; ``[N, D]`` unprojected if D <= dim.
 
     Centring changes no distance but shrinks the norms, so that ``|x|² + |c|² - 2x·c`` loses fewer bits
-    to cancellation (matters in float16). Projected in row chunks to bound the float32 temporaries.
+    to cancellation (matters in float16).
     """
-    num_points, in_dim = features.shape
     mean = features.mean(dim=0, dtype=torch.float32)
-    matrix = None
-    if in_dim > dim:
-        bound = in_dim**-0.5
-        matrix = ((torch.rand(in_dim, dim, generator=generator) * 2 - 1) * bound).to(features.device)
-    out = empty_for_gemv(num_points, dim if matrix is not None else in_dim, dtype, features.device)
-    for start in range(0, num_points, _PROJECTION_CHUNK_ROWS):
+    matrix = projection_matrix(features.shape[1], dim, generator, features.device)
+    return project(features, matrix, mean, dtype)
+
+
+def projection_matrix(
+    in_dim: int, dim: int, generator: torch.Generator, device: torch.device
+) -> Tensor | None:
+    """The seeded ``[in_dim, dim]`` projection, U(-1/sqrt(D), 1/sqrt(D)); None when D <= dim."""
+    if in_dim <= dim:
+        return None
+    bound = in_dim**-0.5
+    return ((torch.rand(in_dim, dim, generator=generator) * 2 - 1) * bound).to(device)
+
+
+def project(features: Tensor, matrix: Tensor | None, mean: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(features - mean) @ matrix`` in ``dtype``, in row chunks to bound the float32 temporaries."""
+    cols = features.shape[1] if matrix is None else matrix.shape[1]
+    out = empty_for_gemv(len(features), cols, dtype, features.device)
+    for start in range(0, len(features), _PROJECTION_CHUNK_ROWS):
         chunk = features[start : start + _PROJECTION_CHUNK_ROWS].float() - mean
         out[start : start + len(chunk)] = chunk @ matrix if matrix is not None else chunk
     return out
@@ -95,11 +123,18 @@ def empty_for_gemv(rows: int, cols: int, dtype: torch.dtype, device: torch.devic
     return torch.empty(cols, rows, dtype=dtype, device=device).t()
 
 
-def greedy_k_center(points: Tensor, count: int, starts: Tensor, prune: bool | None = None) -> Tensor:
+def greedy_k_center(
+    points: Tensor,
+    count: int,
+    starts: Tensor | None = None,
+    prune: bool | None = None,
+    initial_sq_dist: Tensor | None = None,
+) -> Tensor:
     """Greedy k-center on ``points [N, P]``: ``count`` indices (int64, in selection order).
 
     Each step picks the point farthest from everything selected so far; the initial "distance to the
-    selection" of every point is its mean distance to the ``starts [S]`` (not selected themselves).
+    selection" of every point is its mean distance to the ``starts [S]`` (not selected themselves), or
+    ``initial_sq_dist [N]`` (squared) to extend an existing selection.
     With ``prune`` (default: on the CPU), points that the triangle inequality proves cannot get closer
     to the new centre are skipped (:class:`TrianglePruning`); a step that cannot skip most points is one
     full pass, as before. On a GPU the pruning is off: each probe makes the host wait for a count, while
@@ -127,9 +162,12 @@ def greedy_k_center(points: Tensor, count: int, starts: Tensor, prune: bool | No
         distances = points[candidates].mv(points[index]).mul_(-2)
         return distances.add_(sq_norms[candidates]).add_(sq_norms[index]).clamp_(min=0)
 
-    for start in starts:
-        min_dist.add_(sq_distances_to(start).sqrt_())
-    min_dist.div_(len(starts)).square_()
+    if initial_sq_dist is not None:
+        min_dist.copy_(initial_sq_dist)
+    else:
+        for start in starts:
+            min_dist.add_(sq_distances_to(start).sqrt_())
+        min_dist.div_(len(starts)).square_()
 
     selected = torch.empty(count, dtype=torch.long, device=points.device)
     prune = points.device.type == "cpu" if prune is None else prune

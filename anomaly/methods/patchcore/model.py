@@ -5,6 +5,8 @@ layers; a greedy coreset of these descriptors is the memory bank, and a test pat
 it is far from its nearest bank entry.
 """
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
@@ -89,6 +91,16 @@ class PatchCore(FitOnceModel):
         self._collected.clear()
         self.memory_bank = features[self.sampler.select(features)].contiguous()
         self._knn_index()
+
+    @torch.no_grad()
+    def update(self, batches: Iterable[Tensor]) -> None:
+        """Adds the patches of new normal images: the coreset is extended greedily over them, starting from
+        the current bank (:meth:`ApproximateGreedyCoreset.extend`); the old bank is kept as it is."""
+        if not self.is_fitted:
+            raise RuntimeError("PatchCore.update() extends a fitted memory bank: fit first")
+        features = torch.cat([self.embed(images).flatten(0, 1) for images in batches])  # [N, D]
+        added = features[self.sampler.extend(self.memory_bank, features)]
+        self.memory_bank = torch.cat([self.memory_bank, added]).contiguous()
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> AnomalyOutput:
