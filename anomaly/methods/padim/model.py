@@ -133,8 +133,9 @@ class Padim(FitOnceModel):
         self._set_statistics(combine(self.statistics(), self._collected_statistics()))
 
     def statistics(self) -> "Statistics":
-        """The fitted Gaussians in float64: count, means ``[P, D]`` and sample covariances ``[P, D, D]``."""
-        return Statistics(int(self.count), self.mean.double(), self.covariance.double())
+        """The fitted Gaussians in float64: count, means ``[P, D]`` and scatter matrices ``[P, D, D]``."""
+        count = int(self.count)
+        return Statistics(count, self.mean.double(), self.covariance.double() * (count - 1))
 
     def _collected_statistics(self) -> "Statistics":
         """The statistics of everything collected since the last fit, which frees the collection."""
@@ -144,19 +145,19 @@ class Padim(FitOnceModel):
             raise RuntimeError(f"PaDiM needs at least 2 training images, got {self._count}")
         n = self._count
         shifted_mean = self._sum / n
-        # covariance = (Σ x·xᵀ − n·m·mᵀ) / (n − 1), in place on the float64 total
-        covariance = self._outer_sum.baddbmm_(shifted_mean[:, :, None], shifted_mean[:, None, :], alpha=-n)
-        covariance /= n - 1
-        statistics = Statistics(n, shifted_mean + self._shift.double(), covariance)
+        # scatter = Σ x·xᵀ − n·m·mᵀ, in place on the float64 total
+        scatter = self._outer_sum.baddbmm_(shifted_mean[:, :, None], shifted_mean[:, None, :], alpha=-n)
+        statistics = Statistics(n, shifted_mean + self._shift.double(), scatter)
         self._count, self._shift, self._sum, self._outer_sum = 0, None, None, None
         self._run_sum, self._run_outer_sum = None, None
         return statistics
 
     def _set_statistics(self, statistics: "Statistics") -> None:
+        covariance = statistics.scatter.div_(statistics.count - 1)  # in place: the statistics are spent
         self.count = torch.tensor(statistics.count, device=statistics.mean.device)
         self.mean = statistics.mean.float()
-        self.covariance = statistics.covariance.float()
-        self.inv_covariance = regularised_inverse(statistics.covariance, self.covariance_epsilon)
+        self.covariance = covariance.float()
+        self.inv_covariance = regularised_inverse(covariance, self.covariance_epsilon)
 
     @torch.no_grad()
     def cross_fit_scores(
@@ -170,9 +171,10 @@ class Padim(FitOnceModel):
             embedding = torch.cat([x for x, _ in batches], dim=2)  # [h, w, n_f, D]
             height, width = embedding.shape[:2]
             rest = subtract(total, embedding_statistics(embedding.flatten(0, 1)))
-            rest.covariance.diagonal(dim1=-2, dim2=-1).add_(self.covariance_epsilon)
+            covariance = rest.scatter.div_(rest.count - 1)
+            covariance.diagonal(dim1=-2, dim2=-1).add_(self.covariance_epsilon)
             # Cholesky and a triangular solve: the same distances as through the inverse, at 1/2 the cost
-            factor = torch.linalg.cholesky(rest.covariance)  # [P, D, D]
+            factor = torch.linalg.cholesky(covariance)  # [P, D, D]
             start = 0
             for x, size in batches:
                 delta = (
@@ -217,12 +219,16 @@ class Padim(FitOnceModel):
 
 
 class Statistics(NamedTuple):
-    """Gaussians per position, in float64: how many images, their means ``[P, D]`` and sample
-    covariances ``[P, D, D]`` (divided by count − 1)."""
+    """Gaussians per position, in float64: how many images, their means ``[P, D]`` and scatter matrices
+    ``[P, D, D]`` (Σ (x − m)(x − m)ᵀ; the sample covariance is scatter / (count − 1))."""
 
     count: int
     mean: Tensor
-    covariance: Tensor
+    scatter: Tensor
+
+    @property
+    def covariance(self) -> Tensor:
+        return self.scatter / (self.count - 1)
 
 
 def embedding_statistics(x: Tensor) -> Statistics:
@@ -230,18 +236,17 @@ def embedding_statistics(x: Tensor) -> Statistics:
     centring has removed what would cancel)."""
     mean = x.double().mean(dim=1)
     centred = x - mean[:, None].to(x.dtype)
-    scatter = torch.bmm(centred.transpose(1, 2), centred).double()
-    return Statistics(x.shape[1], mean, scatter.div_(x.shape[1] - 1))
+    return Statistics(x.shape[1], mean, torch.bmm(centred.transpose(1, 2), centred).double())
 
 
 def combine(a: Statistics, b: Statistics) -> Statistics:
     """The statistics of the union of two disjoint sets of images (Chan, Golub and LeVeque's update)."""
     count = a.count + b.count
     delta = b.mean - a.mean
-    mean = a.mean + delta * (b.count / count)
-    scatter = a.covariance * (a.count - 1) + b.covariance * (b.count - 1)
-    scatter += delta[:, :, None] * delta[:, None, :] * (a.count * b.count / count)
-    return Statistics(count, mean, scatter / (count - 1))
+    scatter = (a.scatter + b.scatter).baddbmm_(
+        delta[:, :, None], delta[:, None, :], alpha=a.count * b.count / count
+    )
+    return Statistics(count, a.mean + delta * (b.count / count), scatter)
 
 
 def subtract(total: Statistics, part: Statistics) -> Statistics:
@@ -251,9 +256,10 @@ def subtract(total: Statistics, part: Statistics) -> Statistics:
         raise RuntimeError(f"PaDiM needs at least 2 images left after removing {part.count} of {total.count}")
     mean = (total.mean * total.count - part.mean * part.count) / count
     delta = part.mean - mean
-    scatter = (total.covariance * (total.count - 1)).sub_(part.covariance, alpha=part.count - 1)
-    scatter.baddbmm_(delta[:, :, None], delta[:, None, :], alpha=-count * part.count / total.count)
-    return Statistics(count, mean, scatter.div_(count - 1))
+    scatter = (total.scatter - part.scatter).baddbmm_(
+        delta[:, :, None], delta[:, None, :], alpha=-count * part.count / total.count
+    )
+    return Statistics(count, mean, scatter)
 
 
 def regularised_inverse(covariance: Tensor, epsilon: float) -> Tensor:
