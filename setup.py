@@ -3,7 +3,10 @@ installs alike), so that an installed anomaly-train finds its configs. Metadata 
 
 from setuptools import find_namespace_packages, find_packages, setup
 
-CONFIG_PACKAGES = ["anomaly.configs", *(f"anomaly.configs.{name}" for name in find_namespace_packages("configs"))]
+CONFIG_PACKAGES = [
+    "anomaly.configs",
+    *(f"anomaly.configs.{name}" for name in find_namespace_packages("configs")),
+]
 
 setup(
     packages=[*find_packages(include=["anomaly", "anomaly.*"]), *CONFIG_PACKAGES],

@@ -102,13 +102,13 @@ def small_data_overrides() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def run_training() -> Callable[[Path, list[str]], tuple[dict, Path]]:
-    """``run_training(tmp_path, overrides)``: anomaly-train's job on small generated data (generated once
-    per test session folder); returns (metrics, run dir)."""
+def run_job() -> Callable[[Path, list[str]], tuple[dict, Path]]:
+    """``run_job(tmp_path, overrides)``: anomaly-train's job with these overrides, in ``tmp_path/run``;
+    returns (metrics, run dir)."""
 
     def run(tmp_path: Path, overrides: list[str]) -> tuple[dict, Path]:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose("train", overrides=[*SMALL_DATA, *overrides], return_hydra_config=True)
+            cfg = compose("train", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         output_dir = tmp_path / "run"
         with open_dict(cfg):
@@ -118,6 +118,13 @@ def run_training() -> Callable[[Path, list[str]], tuple[dict, Path]]:
         return train(cfg), output_dir
 
     return run
+
+
+@pytest.fixture(scope="session")
+def run_training(run_job) -> Callable[[Path, list[str]], tuple[dict, Path]]:
+    """``run_training(tmp_path, overrides)``: anomaly-train's job on small generated data (generated once
+    per test session folder); returns (metrics, run dir)."""
+    return lambda tmp_path, overrides: run_job(tmp_path, [*SMALL_DATA, *overrides])
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,9 @@ def test_mvtec_layout_is_parsed(mvtec_root):
 
 def test_missing_category_error_names_path_and_fix(tmp_path):
     data = MVTecAD(str(tmp_path), "carpet")
-    with pytest.raises(DataError, match=r"carpet.*train/good.*dataset.root"):
+    with pytest.raises(
+        DataError, match=r"Category .carpet. not found: expected folder .*carpet.*dataset.root"
+    ):
         data.setup()
 
 

@@ -80,6 +80,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     start = time.perf_counter()
     test(cfg, trainer, module, datamodule, calibration)
+    score_unlabeled(trainer, module, datamodule, calibration, output_dir)
     test_seconds = time.perf_counter() - start
 
     metrics = {
@@ -195,6 +196,31 @@ def test(
         log.warning("The defective test images have no masks: image metrics only, no pixel metrics.")
     module.example_ids = spread(len(datamodule.test_samples), module.num_examples)
     trainer.test(module, datamodule=datamodule, verbose=False)
+
+
+def score_unlabeled(
+    trainer: pl.Trainer,
+    module: AnomalyModule,
+    datamodule: AnomalyDataModule,
+    calibration: Calibration | None,
+    output_dir: Path,
+) -> None:
+    """Maps of the test sets without ground truth (MVTec AD 2's private ones), written by the data set
+    in the format its evaluation takes."""
+    device = trainer.strategy.root_device
+    model = module.model.to(device).eval()
+    pixel_threshold = calibration.pixel_threshold if calibration else None
+    for name, samples in datamodule.unlabeled.items():
+        log.info("Scoring %s (%d images without ground truth) for the data set's own evaluation.",
+                 name, len(samples))  # fmt: skip
+        done, written = 0, output_dir
+        with torch.no_grad():
+            for batch in datamodule.unlabeled_dataloader(name):
+                maps = model(batch["image"].to(device)).anomaly_map.float().cpu()
+                batch_samples = samples[done : done + len(maps)]
+                written = datamodule.write_unlabeled(name, batch_samples, maps, pixel_threshold, output_dir)
+                done += len(maps)
+        log.info("Wrote the maps of %s for the data set's evaluation to %s", name, written)
 
 
 def spread(total: int, count: int) -> set[int]:

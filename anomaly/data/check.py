@@ -70,7 +70,7 @@ def check_sample(sample: Sample) -> list[Problem]:
         return [Problem("unreadable_image", sample, _short(error, path))]
     if sample.label == 0 or sample.mask_path is None:
         return []
-    if not sample.mask_path.is_file():
+    if not sample.mask_path.exists():
         return [Problem("missing_mask", sample, f"expected {sample.mask_path}")]
     try:
         mask = read_mask(sample.mask_path, path, size)

@@ -8,10 +8,13 @@ before any work, the counts logged, a normal-only validation split carved from t
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from anomaly.allocator import release_freed_memory
@@ -24,6 +27,15 @@ from anomaly.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 BAD_FILE_POLICIES = ("error", "skip")
 SHOWN_SKIPPED = 5
+
+
+class Splits(NamedTuple):
+    """What a data source lists: normal training images, the test set, and the normal images it holds out
+    itself for calibration (MVTec AD 2's and LOCO's ``validation/good``; empty for most)."""
+
+    train: list[Sample]
+    test: list[Sample]
+    validation: Sequence[Sample] = ()
 
 
 class TrimmedForkDataLoader(DataLoader):
@@ -79,6 +91,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []  # held-out normal images: the validation split or calibration_dir
         self.test_samples: list[Sample] = []
+        self.unlabeled: dict[str, list[Sample]] = {}  # test sets without ground truth (unlabeled_sets)
         self.skipped: list[SkippedFile] = []  # seen and not used: other extensions, hidden files, ...
         self.bad_files: list[Problem] = []  # failed the data check and left out (on_bad_file=skip)
 
@@ -87,17 +100,22 @@ class AnomalyDataModule(pl.LightningDataModule):
         """A short name for logs and result tables (e.g. the category)."""
         raise NotImplementedError
 
-    def load_samples(self) -> tuple[list[Sample], list[Sample]]:
-        """Returns (train samples, all normal; test samples); appends unused files to ``self.skipped``."""
+    def load_samples(self) -> Splits:
+        """The data set's samples; appends the files it saw and does not use to ``self.skipped``."""
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        """Lists and checks every file (once), then splits; raises DataError naming every bad file."""
+        """Lists and checks every file (once), then splits; raises DataError naming every bad file.
+
+        The held-out normal images are ``calibration_dir``'s, else the data set's own validation split
+        (MVTec AD 2, LOCO), else ``val_fraction`` of the training images."""
         if self.train_samples:
             return
-        train, test = self.load_samples()
-        calibration = self._calibration_samples()
-        problems = check_samples([*train, *test, *calibration], description=f"Checking {self.name}")
+        train, test, validation = self.load_samples()
+        calibration = self._calibration_samples() or list(validation)
+        unlabeled = self.unlabeled_sets()
+        every = [*train, *test, *calibration, *(s for samples in unlabeled.values() for s in samples)]
+        problems = check_samples(every, description=f"Checking {self.name}")
         if problems and self.on_bad_file == "error":
             raise DataError(
                 problem_report(problems, self.name, len(train) + len(test))
@@ -111,14 +129,27 @@ class AnomalyDataModule(pl.LightningDataModule):
             train = [sample for sample in train if sample not in bad]
             test = [sample for sample in test if sample not in bad]
             calibration = [sample for sample in calibration if sample not in bad]
+            unlabeled = {name: [s for s in samples if s not in bad] for name, samples in unlabeled.items()}
             self.bad_files = problems
         if not train:
             raise DataError(f"No usable training images in {self.name}.")
-        self.test_samples = test
+        self.test_samples, self.unlabeled = test, unlabeled
         self.train_samples, self.val_samples = split_validation(train, self.val_fraction, self.seed)
-        if calibration:  # a folder of normal images beside the training ones: every training image trains
+        if calibration:  # normal images beside the training ones: every training image trains
             self.train_samples, self.val_samples = train, calibration
         log.info(self.summary())
+
+    def unlabeled_sets(self) -> dict[str, list[Sample]]:
+        """Test images without ground truth that a benchmark scores elsewhere (MVTec AD 2's private sets):
+        checked with the rest; ``anomaly-train`` scores them after testing and hands the maps to
+        :meth:`write_unlabeled`."""
+        return {}
+
+    def write_unlabeled(self, name: str, samples: list[Sample], maps: Tensor, pixel_threshold: float | None,
+                        output_dir: Path) -> Path:  # fmt: skip
+        """Writes the maps ``[B, 1, h, w]`` of a batch of ``unlabeled_sets()[name]`` in the format the
+        data set's evaluation takes, below ``output_dir``; returns the folder to hand to it."""
+        raise NotImplementedError
 
     def _calibration_samples(self) -> list[Sample]:
         """The normal images of ``calibration_dir`` (anywhere below it), none without one."""
@@ -137,6 +168,9 @@ class AnomalyDataModule(pl.LightningDataModule):
         lines = [
             f"Data {self.name}: train {len(self.train_samples)} images, held-out normal {held_out}, "
             f"test {len(self.test_samples)} ({test[0]} good, {test[1]} defective, {masks} masks)"
+            + "".join(
+                f", {name} {len(samples)} (no ground truth)" for name, samples in self.unlabeled.items()
+            )
         ]
         if self.skipped:
             shown = ", ".join(f"{f.path} ({f.reason})" for f in self.skipped[:SHOWN_SKIPPED])
@@ -182,6 +216,9 @@ class AnomalyDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_samples, shuffle=False)
+
+    def unlabeled_dataloader(self, name: str) -> DataLoader:
+        return self._loader(self.unlabeled[name], shuffle=False)
 
 
 def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

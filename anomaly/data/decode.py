@@ -78,21 +78,30 @@ def _is_16_bit_png(path: Path) -> bool:
 
 def read_mask(path: Path, image_path: Path, image_size: tuple[int, int]) -> Tensor:
     """A ground-truth mask as ``[1, H, W]`` uint8 0/1: any non-zero pixel is a defect (MVTec's 0/255,
-    VisA's class ids and 0/1 exports alike). It must have its image's ``(width, height)``."""
-    try:
-        with Image.open(path) as mask:
-            defect = _defect_pixels(mask)
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise DataError(
-            f"Cannot read mask {path} (for {image_path}): {error}. Replace or delete it."
-        ) from error
-    height, width = defect.shape
-    if (width, height) != image_size:
-        raise DataError(
-            f"Mask {path} is {width}x{height} but its image {image_path} is "
-            f"{image_size[0]}x{image_size[1]}: a mask must have its image's size. Fix or remove the pair."
-        )
-    return torch.from_numpy(defect.astype(np.uint8))[None]
+    VisA's class ids and 0/1 exports alike). It must have its image's ``(width, height)``. A folder of
+    masks (MVTec LOCO AD: one file per defect) gives their union."""
+    files = (
+        sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if path.is_dir() else [path]
+    )
+    if not files:
+        raise DataError(f"Mask folder {path} (for {image_path}) holds no mask images. Add them or delete it.")
+    union = None
+    for file in files:
+        try:
+            with Image.open(file) as mask:
+                defect = _defect_pixels(mask)
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raise DataError(
+                f"Cannot read mask {file} (for {image_path}): {error}. Replace or delete it."
+            ) from error
+        height, width = defect.shape
+        if (width, height) != image_size:
+            raise DataError(
+                f"Mask {file} is {width}x{height} but its image {image_path} is "
+                f"{image_size[0]}x{image_size[1]}: a mask must have its image's size. Fix or remove the pair."
+            )
+        union = defect if union is None else union | defect
+    return torch.from_numpy(union.astype(np.uint8))[None]
 
 
 def _defect_pixels(mask: Image.Image) -> np.ndarray:

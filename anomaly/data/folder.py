@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from anomaly.data.datamodule import AnomalyDataModule
+from anomaly.data.datamodule import AnomalyDataModule, Splits
 from anomaly.data.samples import Sample, SkippedFile, find_mask, list_images, require_dir
 from anomaly.errors import DataError
 
@@ -42,7 +42,7 @@ class Folder(AnomalyDataModule):
     def name(self) -> str:
         return self.root.name
 
-    def load_samples(self) -> tuple[list[Sample], list[Sample]]:
+    def load_samples(self) -> Splits:
         normal_dir = require_dir(self.root / self.normal_dir, "Folder of normal images", LAYOUT_HINT)
         normal = list_images(normal_dir, self.skipped)
         if self.normal_test_dir is None:
@@ -55,7 +55,7 @@ class Folder(AnomalyDataModule):
             raise DataError(f"No training images in {normal_dir}. {LAYOUT_HINT}")
         train = [Sample(p, 0, None, "good") for p in train_paths]
         test = [Sample(p, 0, None, "good") for p in test_good] + self._defective()
-        return train, test
+        return Splits(train, test)
 
     def _hold_out(self, normal: list[Path]) -> tuple[list[Path], list[Path]]:
         """Seeded split of the normal images into training and test."""

@@ -1,12 +1,14 @@
-"""MVTec AD, in its official layout; any folder in that layout works (other category names too).
+"""MVTec AD, and the layout its family shares (BTAD, MVTec LOCO AD, MVTec AD 2 differ only in names).
 
-``<root>/<category>/train/good/*.png``, ``test/<defect or good>/*.png``,
-``ground_truth/<defect>/<stem>_mask.png``.
+MVTec AD: ``<root>/<category>/train/good/*.png``, ``test/<good or defect type>/*.png``,
+``ground_truth/<defect type>/<stem>_mask.png``. Any folder in that layout works, with any category name
+and any image format the decoder reads. :class:`Layout` says where a family member keeps what.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from anomaly.data.datamodule import AnomalyDataModule
+from anomaly.data.datamodule import AnomalyDataModule, Splits
 from anomaly.data.samples import Sample, SkippedFile, find_mask, list_images, require_dir
 from anomaly.errors import DataError
 
@@ -21,54 +23,90 @@ DOWNLOAD_HINT = (
 )
 
 
-def mvtec_samples(
-    root: Path, category: str, skipped: list[SkippedFile] | None = None
-) -> tuple[list[Sample], list[Sample]]:
-    """Parses one category folder into (train samples, test samples); unused files go to ``skipped``.
+@dataclass(frozen=True)
+class Layout:
+    """Where a data set of MVTec AD's family keeps its files, relative to a category folder."""
+
+    train: str = "train/good"  # normal training images
+    test: str = "test"  # a folder of folders: the good one and one per defect type
+    good: str = "good"  # the test folder of normal images
+    ground_truth: str = "ground_truth"  # ground_truth/<defect type>/ holds the masks
+    mask_suffix: str = "_mask"  # how a missing mask is named in errors: <stem><mask_suffix>.png
+    mask_folders: bool = False  # ground_truth/<defect type>/<stem>/ holds several masks: their union
+    validation: str | None = None  # normal images the data set holds out itself (calibration only)
+    hint: str = DOWNLOAD_HINT  # where to get the data set
+
+
+MVTEC_AD = Layout()
+
+
+def layout_samples(
+    root: Path, category: str, layout: Layout, skipped: list[SkippedFile] | None = None
+) -> Splits:
+    """Parses one category folder; unused files go to ``skipped``.
 
     A defective image's mask path is set even when the file is missing: the data check reports it.
     """
+    if not root.is_dir():
+        raise DataError(f"Data root {root} does not exist. {layout.hint}")
     category_dir = root / category
-    train_dir = require_dir(
-        category_dir / "train" / "good", f"MVTec AD category '{category}' under {root}", DOWNLOAD_HINT
-    )
-    train = [Sample(path, 0, None, "good") for path in list_images(train_dir, skipped)]
+    if not category_dir.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise DataError(f"Category '{category}' not found: expected folder {category_dir} (found: "
+                        f"{', '.join(found) or 'nothing'}). {layout.hint}")  # fmt: skip
+    train = _normal_samples(category_dir / layout.train, "Training images", layout, skipped)
     if not train:
-        raise DataError(f"No training images in {train_dir}. {DOWNLOAD_HINT}")
-    test_dir = require_dir(category_dir / "test", f"Test split of '{category}'", DOWNLOAD_HINT)
+        raise DataError(f"No training images in {category_dir / layout.train}. {layout.hint}")
+    validation = []
+    if layout.validation is not None:
+        validation = _normal_samples(category_dir / layout.validation, "Validation images", layout, skipped)
+    test_dir = require_dir(category_dir / layout.test, f"Test split of '{category}'", layout.hint)
+    ground_truth = category_dir / layout.ground_truth
     test, used_masks = [], set()
-    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and p != ground_truth):
         defect = defect_dir.name
-        masks = _masks(category_dir / "ground_truth" / defect, skipped)
+        masks = _masks(ground_truth / defect, layout, skipped)
         for path in list_images(defect_dir, skipped):
-            if defect == "good":
+            if defect == layout.good:
                 test.append(Sample(path, 0, None, "good"))
                 continue
-            mask = find_mask(masks, path) or category_dir / "ground_truth" / defect / f"{path.stem}_mask.png"
+            fallback = (
+                ground_truth
+                / defect
+                / (path.stem if layout.mask_folders else f"{path.stem}{layout.mask_suffix}.png")
+            )
+            mask = find_mask(masks, path) or fallback
             used_masks.add(mask)
             test.append(Sample(path, 1, mask, defect))
     if not test:
-        raise DataError(f"No test images under {test_dir}/<defect type>/. {DOWNLOAD_HINT}")
-    ground_truth = category_dir / "ground_truth"
+        raise DataError(f"No test images under {test_dir}/<{layout.good} or defect type>/. {layout.hint}")
     if skipped is not None and ground_truth.is_dir():
         for mask_dir in sorted(p for p in ground_truth.iterdir() if p.is_dir()):
-            skipped += [
-                SkippedFile(mask, "mask without a test image")
-                for mask in list_images(mask_dir)
-                if mask not in used_masks
-            ]
-    return train, test
+            unused = [mask for mask in _masks(mask_dir, layout, None).values() if mask not in used_masks]
+            skipped += [SkippedFile(mask, "mask without a test image") for mask in unused]
+    return Splits(train, test, validation)
 
 
-def _masks(folder: Path, skipped: list[SkippedFile] | None) -> dict[str, Path]:
-    """The masks of one defect type by file stem (``000_mask``), empty without the folder."""
+def _normal_samples(
+    folder: Path, what: str, layout: Layout, skipped: list[SkippedFile] | None
+) -> list[Sample]:
+    directory = require_dir(folder, what, layout.hint)
+    return [Sample(path, 0, None, "good") for path in list_images(directory, skipped)]
+
+
+def _masks(folder: Path, layout: Layout, skipped: list[SkippedFile] | None) -> dict[str, Path]:
+    """The masks of one defect type by stem (``000_mask``; a folder per image with ``mask_folders``)."""
     if not folder.is_dir():
         return {}
+    if layout.mask_folders:
+        return {path.name: path for path in sorted(folder.iterdir()) if path.is_dir()}
     return {path.stem: path for path in list_images(folder, skipped)}
 
 
 class MVTecAD(AnomalyDataModule):
     """One category of MVTec AD (or of any data set laid out like it)."""
+
+    layout = MVTEC_AD
 
     def __init__(self, root: str, category: str, **loader_options) -> None:
         super().__init__(**loader_options)
@@ -79,7 +117,5 @@ class MVTecAD(AnomalyDataModule):
     def name(self) -> str:
         return self.category
 
-    def load_samples(self) -> tuple[list[Sample], list[Sample]]:
-        if not self.root.is_dir():
-            raise DataError(f"MVTec AD root {self.root} does not exist. {DOWNLOAD_HINT}")
-        return mvtec_samples(self.root, self.category, self.skipped)
+    def load_samples(self) -> Splits:
+        return layout_samples(self.root, self.category, self.layout, self.skipped)

@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from anomaly.data.datamodule import Splits
 from anomaly.data.mvtec import MVTecAD
-from anomaly.data.samples import Sample
 
 CATEGORIES: tuple[str, ...] = ("fabric", "tile", "washer")
 DEFECT_TYPES: tuple[str, ...] = ("scratch", "crack", "hole", "stain", "missing", "contamination", "color")
@@ -482,6 +482,6 @@ class SyntheticAD(MVTecAD):
             "seed": generation_seed,
         }
 
-    def load_samples(self) -> tuple[list[Sample], list[Sample]]:
+    def load_samples(self) -> Splits:
         ensure_dataset(self.root, [self.category], **self.generation)
         return super().load_samples()
