@@ -3,6 +3,8 @@
 Helpers are fixtures (a fixture may return a function), never imported from this file.
 """
 
+import shutil
+import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -114,6 +116,7 @@ def run_job() -> Callable[[Path, list[str]], tuple[dict, Path]]:
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)
             cfg.paths.data_dir = str(tmp_path.parent / "shared-data")
+            cfg.paths.results_db = str(tmp_path / "runs.sqlite")
             del cfg.hydra  # as in a real run, where the job config has no hydra node
         return train(cfg), output_dir
 
@@ -141,3 +144,24 @@ def score_test_set() -> Callable:
         return evaluator.compute()
 
     return score
+
+
+@pytest.fixture(scope="session")
+def headless_browser() -> Callable[[Path, Path], str]:
+    """``headless_browser(page, work_dir)``: Chromium renders ``page`` from disk; returns the rendered DOM and
+    leaves a screenshot at ``work_dir/screenshot.png``. Skips where Chromium is not installed (.ci/run
+    installs it)."""
+    if not shutil.which("chromium"):
+        pytest.skip("chromium is not installed")
+
+    def render(page: Path, work_dir: Path) -> str:
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 f"--user-data-dir={work_dir / 'profile'}", "--window-size=1200,900"]  # fmt: skip
+        run = ["chromium", *flags]
+        subprocess.run([*run, f"--screenshot={work_dir / 'screenshot.png'}", page.as_uri()],
+                       capture_output=True, timeout=120, check=True)  # fmt: skip
+        dom = subprocess.run([*run, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+        return dom.stdout
+
+    return render

@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -22,9 +21,11 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
+from anomaly.cli.report import main as main_report
 from anomaly.cli.runtime import config_dir
 from anomaly.data.mvtec import MVTEC_CATEGORIES
 from anomaly.data.synthetic import ensure_dataset
+from anomaly.reports.database import append_run, read_runs
 from anomaly.reports.records import RunRecord
 from anomaly.reports.sweep import finish_sweep, search_notes, write_reports
 
@@ -402,32 +403,48 @@ def test_html_report_lists_runs_and_its_images_exist(failing_sweep):
     assert all((sweep / unquote(src)).is_file() for src in report.images)
 
 
-@pytest.mark.skipif(not shutil.which("chromium"), reason="chromium is not installed")
-def test_html_report_renders_in_a_browser(failing_sweep, tmp_path):
+def test_html_report_renders_in_a_browser(failing_sweep, tmp_path, headless_browser):
     _, sweep = failing_sweep
-    screenshot = tmp_path / "report.png"
-    subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            f"--screenshot={screenshot}",
-            "--window-size=1200,900",
-            (sweep / "report.html").as_uri(),
-        ],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=float)
+    dom = headless_browser(sweep / "report.html", tmp_path)
+    assert "good_part" in dom and "failed: Data check of corrupt_part" in dom
+    pixels = np.asarray(Image.open(tmp_path / "screenshot.png").convert("L"), dtype=float)
     assert pixels.std() > 10, "the screenshot is blank"
     assert (pixels < 128).mean() > 0.005, "no text or images were drawn"
+
+
+@pytest.fixture(scope="module")
+def two_benchmarks(failing_sweep, synthetic_root) -> Path:
+    """A second sweep, on another data set (generated), started where the MVTec-layout sweep was: both
+    append to the same results database; returns the output root holding it."""
+    _, sweep = failing_sweep
+    second = anomaly_train(
+        sweep.parent, "seed=0,1", *TINY_SYNTHETIC, f"dataset.root={synthetic_root}",
+        f"hydra.sweep.dir={sweep.parent / 'synthetic_sweep'}",
+    )  # fmt: skip
+    assert second.returncode == 0, second.stdout + second.stderr
+    return sweep.parent / "outputs"
+
+
+def test_anomaly_report_puts_two_sweeps_on_two_data_sets_on_one_page(
+    two_benchmarks, tmp_path, headless_browser
+):
+    assert main_report([str(two_benchmarks)]) == 0
+    out = two_benchmarks / "report"
+    assert {p.name for p in out.glob("*.md")} == {"mvtec.md", "synthetic.md", "overview.md"}
+    overview = (out / "overview.md").read_text()
+    assert "| method | mvtec | synthetic |" in overview
+    # one row per method: each data set's own settings are not a variant; 2 of 3 MVTec-layout runs failed
+    auroc = overview.split("## image_auroc")[1].split("##")[0]
+    assert re.search(r"\| padim \(efficientnet_lite0\) \| \d+\.\d \(1/15\) ⚠ \| \d+\.\d ± \d+\.\d \|", auroc)
+    assert "good_part" in (out / "mvtec.md").read_text() and "fabric" in (out / "synthetic.md").read_text()
+    report = _Report()
+    report.feed((out / "index.html").read_text())
+    assert all((out / unquote(src)).is_file() for src in report.images) and len(report.images) >= 6
+    dom = headless_browser(out / "index.html", tmp_path)
+    for text in ("Results across benchmarks", 'id="mvtec"', 'id="synthetic"', "good_part", "fabric"):
+        assert text in dom, text
+    pixels = np.asarray(Image.open(tmp_path / "screenshot.png").convert("L"), dtype=float)
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.005, "nothing was drawn"
 
 
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
@@ -453,3 +470,26 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     assert "Optuna best pixel_aupro" in (sweep / "summary.md").read_text()
     generated = json.loads(next((tmp_path / "search_data").glob("*/.complete")).read_text())
     assert generated["seed"] == 1  # tuned on its own generated images, not the benchmark's
+
+
+def test_results_database_keeps_one_row_per_run_dir_newest_last(tmp_path):
+    database = tmp_path / "outputs" / "runs.sqlite"
+    first = RunRecord("padim", "resnet18", "mvtec", "bottle", 0, "failed", error="out of memory")
+    append_run(database, first, tmp_path / "a")
+    append_run(database, RunRecord("patchcore", "resnet18", "visa", "candle", 0, "ok"), tmp_path / "b")
+    append_run(
+        database,
+        RunRecord("padim", "resnet18", "mvtec", "bottle", 0, "ok", metrics={"x": 1.0}),
+        tmp_path / "a",
+    )
+    runs = read_runs(database)
+    assert [(record.method, record.status, run_dir.name) for record, run_dir in runs] == [
+        ("patchcore", "ok", "b"), ("padim", "ok", "a"),
+    ]  # fmt: skip
+    assert runs[1][0].metrics == {"x": 1.0}
+
+
+def test_anomaly_report_without_a_database_names_the_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main_report([str(tmp_path)])
+    assert f"No results database at {tmp_path / 'runs.sqlite'}" in capsys.readouterr().err

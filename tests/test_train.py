@@ -6,6 +6,7 @@ import pytest
 
 from anomaly.data.synthetic import SyntheticAD
 from anomaly.model_io import load_model
+from anomaly.reports.database import read_runs
 
 
 @pytest.mark.parametrize("method", ["padim", "patchcore"])
@@ -19,6 +20,8 @@ def test_method_detects_generated_defects_and_reloads_identically(
     assert json.loads((output_dir / "metrics.json").read_text())["image_auroc"] == metrics["image_auroc"]
     assert len(list((output_dir / "heatmaps").glob("*.png"))) == 8
     assert (output_dir / "config.yaml").is_file()
+    [(record, run_dir)] = read_runs(tmp_path / "runs.sqlite")  # appended to the results database
+    assert run_dir == output_dir.resolve() and record.metrics["image_auroc"] == metrics["image_auroc"]
 
     # the saved model, rebuilt from its file alone, gives identical test metrics
     model = load_model(output_dir).model

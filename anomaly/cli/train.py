@@ -9,6 +9,7 @@ named by ``optimized_metric`` so that Hydra sweepers can optimise it.
 import json
 import logging
 import resource
+import sqlite3
 import sys
 import time
 import traceback
@@ -38,6 +39,7 @@ from anomaly.errors import ConfigError
 from anomaly.methods.base import FitOnceModel
 from anomaly.methods.lightning import AnomalyModule
 from anomaly.model_io import save_model
+from anomaly.reports.database import append_run
 from anomaly.reports.records import RunRecord
 from anomaly.visualization import save_heatmaps
 
@@ -99,6 +101,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     record.skipped_files = [problem.describe() for problem in datamodule.bad_files]
     record.sample_images = [example["path"] for example in module.examples]
     record.write(output_dir)
+    add_to_results_db(cfg, record, output_dir)
     heatmaps = save_heatmaps(module.examples, output_dir / "heatmaps")
     for logger in loggers:
         logger.log_metrics(record.timings)
@@ -299,6 +302,19 @@ def record_failure(cfg: DictConfig, error: BaseException) -> None:
                            cfg.get("seed", 0), "failed", error=text)  # fmt: skip
     record.write(output_dir)
     (output_dir / "error.log").write_text(traceback.format_exc())
+    add_to_results_db(cfg, record, output_dir)
+
+
+def add_to_results_db(cfg: DictConfig, record: RunRecord, output_dir: Path) -> None:
+    """Appends the run to ``paths.results_db``; a database problem is logged, never fails the run."""
+    database = (cfg.get("paths") or {}).get("results_db")
+    if not database:
+        return
+    try:
+        append_run(Path(database), record, output_dir)
+    except sqlite3.Error as error:
+        log.warning("Could not add the run to the results database %s (%s); its run.json is complete.",
+                    database, error)  # fmt: skip
 
 
 def print_summary(record: RunRecord, output_dir: Path) -> None:

@@ -14,8 +14,11 @@ COLUMNS = (
 def read_row(run_dir: Path) -> dict | None:
     """One row from a run dir's record; None when it holds none."""
     record = RunRecord.read(run_dir)
-    if record is None:
-        return None
+    return None if record is None else record_row(record, run_dir)
+
+
+def record_row(record: RunRecord, run_dir: Path) -> dict:
+    """A run's record as a table row."""
     row = {
         "method": record.method,
         "backbone": record.backbone or "",
@@ -44,14 +47,22 @@ def collect_runs(folder: Path) -> tuple[list[dict], list[dict]]:
     """
     run_dirs = sorted({path.parent for path in folder.rglob(RECORD_FILE)})
     rows = [row for run_dir in run_dirs if (row := read_row(run_dir))]
+    rows.sort(key=lambda r: (Path(r["run_dir"]) / RECORD_FILE).stat().st_mtime)
+    return newest_per_combination(rows)
+
+
+def newest_per_combination(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(kept, repeats) of ``rows`` given oldest first: the newest run of each (method label, data set,
+    category, seed) is kept, sorted for tables; ``variant`` is set on every row (:func:`add_variants`)."""
     add_variants(rows)
     newest: dict[tuple, dict] = {}
-    for row in sorted(rows, key=lambda r: (Path(r["run_dir"]) / RECORD_FILE).stat().st_mtime):
+    for row in rows:
         newest[(method_label(row), row["dataset"], str(row["category"]), row["seed"])] = row
-    kept = sorted(newest.values(), key=lambda r: (method_label(r), str(r["category"]), r["seed"] or 0))
+    kept = sorted(
+        newest.values(), key=lambda r: (r["dataset"], method_label(r), str(r["category"]), r["seed"] or 0)
+    )
     kept_ids = {id(row) for row in kept}
-    repeats = [row for row in rows if id(row) not in kept_ids]
-    return kept, repeats
+    return kept, [row for row in rows if id(row) not in kept_ids]
 
 
 def add_variants(rows: list[dict]) -> None:

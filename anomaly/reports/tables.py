@@ -7,10 +7,21 @@ from statistics import mean, stdev
 
 import yaml
 
+from anomaly.data.btad import BTAD_CATEGORIES
 from anomaly.data.mvtec import MVTEC_CATEGORIES
+from anomaly.data.mvtec_ad2 import AD2_CATEGORIES
+from anomaly.data.mvtec_loco import LOCO_CATEGORIES
+from anomaly.data.visa import VISA_CATEGORIES
 from anomaly.reports.collect import COLUMNS, METRICS, method_label, one_line
 
 REFERENCES_FILE = Path(__file__).with_name("paper_results.yaml")
+BENCHMARK_CATEGORIES = {  # data set config -> all its categories: a published mean needs all of them run
+    "mvtec": MVTEC_CATEGORIES,
+    "visa": VISA_CATEGORIES,
+    "btad": BTAD_CATEGORIES,
+    "mvtec_loco": LOCO_CATEGORIES,
+    "mvtec_ad2": AD2_CATEGORIES,
+}
 Table = tuple[list[str], list[list[str]]]  # header, body rows
 
 
@@ -38,24 +49,31 @@ def format_cell(values: Sequence[float]) -> str:
 
 
 def load_references() -> dict:
-    """Published numbers in percent: {method: {source, dataset, backbone, metrics: {metric: {category}}}}."""
+    """Published numbers in percent: {data set: {method: {source, backbone, settings, metrics: {metric:
+    {category: value}}}}}."""
     return yaml.safe_load(REFERENCES_FILE.read_text()) if REFERENCES_FILE.is_file() else {}
 
 
 def applicable_reference(references: dict, rows: list[dict]) -> dict:
     """The paper's {metric: {category: value}} for one method label, if all its runs are comparable: the
     paper's data set and backbone (a published WRN50 number says little about our Lite0 runs)."""
-    reference = references.get(rows[0]["method"], {})
+    dataset = rows[0]["dataset"]
+    reference = references.get(dataset, {}).get(rows[0]["method"], {})
+    backbone = reference.get("backbone") or ""
+    settings = {key: str(value) for key, value in (reference.get("settings") or {}).items()}
     comparable = all(
-        r["dataset"] == reference.get("dataset") and r["backbone"] == reference.get("backbone") for r in rows
+        r["dataset"] == dataset
+        and r["backbone"] == backbone
+        and all(r["overrides"].get(key, value) == value for key, value in settings.items())
+        for r in rows
     )
     return reference.get("metrics", {}) if reference and comparable else {}
 
 
-def published_mean(published: dict, categories: list[str]) -> float | None:
-    """The paper number beside our mean row: its own mean when we ran all of MVTec AD, else the mean of its
-    per-category values over our categories (None when one of them has no published value)."""
-    if set(categories) == set(MVTEC_CATEGORIES) and "mean" in published:
+def published_mean(published: dict, categories: list[str], dataset: str) -> float | None:
+    """The paper number beside our mean row: its own mean when we ran all of the data set's categories, else
+    the mean of its per-category values over ours (None when one of them has no published value)."""
+    if set(categories) == set(BENCHMARK_CATEGORIES.get(dataset, ())) and "mean" in published:
         return published["mean"]
     values = [published.get(c) for c in categories]
     return None if any(v is None for v in values) else mean(values)
@@ -102,7 +120,7 @@ def summary_tables(rows: list[dict]) -> dict[str, Table]:
                 if metric in paper[label]:
                     published = paper[label][metric]
                     value = (
-                        published_mean(published, categories)
+                        published_mean(published, categories, rows[0]["dataset"])
                         if category == "mean"
                         else published.get(category)
                     )
@@ -127,18 +145,42 @@ def reference_cells(values: list[float] | None, published: float | None) -> list
     return [f"{published:.1f}", f"{100 * mean(values) - published:+.1f}" if values else "–"]
 
 
-def summary_markdown(rows: list[dict], tables: dict[str, Table], notes: Sequence[str]) -> str:
+def overview_tables(rows: list[dict]) -> dict[str, Table]:
+    """Per metric: method labels × data sets, each cell the mean over the categories with results (×100,
+    ± std over seeds), their number where the data set has more, ⚠ where runs failed: one table across
+    benchmarks."""
+    datasets = sorted({r["dataset"] for r in rows})
+    labels = sorted({method_label(r) for r in rows})
+    tables = {}
+    for metric in METRICS:
+        body = []
+        for label in labels:
+            cells = [label]
+            for dataset in datasets:
+                runs = [r for r in rows if r["dataset"] == dataset and method_label(r) == label]
+                categories = sorted({str(r["category"]) for r in runs if r["status"] == "ok"})
+                means = column_mean(aggregate(runs, metric), categories, label) if categories else None
+                total = len(BENCHMARK_CATEGORIES.get(dataset, categories))
+                count = f" ({len(categories)}/{total})" if len(categories) < total else ""
+                failed = " ⚠" if any(r["status"] != "ok" for r in runs) else ""
+                cells.append((format_cell(means) + count if means else "–") + failed)
+            body.append(cells)
+        tables[metric] = (["method", *datasets], body)
+    return tables
+
+
+def summary_markdown(
+    rows: list[dict], tables: dict[str, Table], notes: Sequence[str], title: str = "Benchmark summary"
+) -> str:
     n_failed = sum(r["status"] != "ok" for r in rows)
     lines = [
-        "# Benchmark summary",
+        f"# {title}",
         "",
         f"{len(rows)} runs, {n_failed} failed. Values ×100, mean ± std over seeds.",
     ]
     lines += [f"\n{note}" for note in notes] + [""]
-    for metric, (header, body) in tables.items():
-        lines += [f"## {metric}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(f"**{c}**" if c == "mean" else c for c in cells) + " |" for cells in body]
-        lines.append("")
+    for metric, table in tables.items():
+        lines += [f"## {metric}", "", *markdown_table(table), ""]
     if n_failed:
         lines += ["## Failed runs", ""]
         lines += [
@@ -147,11 +189,29 @@ def summary_markdown(rows: list[dict], tables: dict[str, Table], notes: Sequence
             if r["status"] != "ok"
         ]
         lines.append("")
-    references = load_references()
-    methods = {r["method"] for r in rows} & set(references)
-    if methods:
-        lines.append("Paper numbers, shown only beside MVTec AD runs with the paper's backbone:")
-        lines += [
-            f"- {m} ({references[m].get('backbone')}): {references[m].get('source')}" for m in sorted(methods)
-        ]
+    lines += reference_sources(rows)
     return "\n".join(lines) + "\n"
+
+
+def reference_sources(rows: list[dict]) -> list[str]:
+    """Where the published numbers beside ``rows`` come from, as Markdown list lines."""
+    references = {
+        (r["dataset"], r["method"]): reference
+        for r in rows
+        if (reference := load_references().get(r["dataset"], {}).get(r["method"]))
+    }
+    if not references:
+        return []
+    lines = ["Published numbers, shown only beside runs on their data set with the paper's backbone:"]
+    for (dataset, method), reference in sorted(references.items()):
+        lines.append(f"- {method} on {dataset} ({reference.get('backbone') or 'own network'}): "
+                     f"{reference.get('source')}")  # fmt: skip
+    return lines
+
+
+def markdown_table(table: Table) -> list[str]:
+    header, body = table
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + [
+        "| " + " | ".join(f"**{c}**" if c == "mean" else c for c in cells) + " |" for cells in body
+    ]

@@ -1,0 +1,72 @@
+"""anomaly-report: every run of an output root, across sweeps and data sets, on one page.
+
+``anomaly-report outputs/`` reads ``outputs/runs.sqlite`` (appended by every ``anomaly-train`` job) and
+writes ``outputs/report/index.html`` (one table across data sets, then per data set its tables beside the
+published numbers, plots and runs) and ``outputs/report/<data set>.md`` (the same tables in Markdown).
+Of several runs of one combination (method and settings, data set, category, seed) the newest counts.
+"""
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from anomaly.cli.runtime import report_user_errors
+from anomaly.errors import UserError
+from anomaly.reports.collect import newest_per_combination, record_row
+from anomaly.reports.database import DATABASE_FILE, read_runs
+from anomaly.reports.html import database_report_html
+from anomaly.reports.plots import save_plots
+from anomaly.reports.tables import markdown_table, overview_tables, summary_markdown, summary_tables
+
+log = logging.getLogger(__name__)
+
+
+def write_report(source: Path, out_dir: Path) -> Path:
+    """The page and the Markdown tables of the runs in ``source`` (an output root or its database);
+    returns the page's path."""
+    database = source / DATABASE_FILE if source.is_dir() else source
+    if not database.is_file():
+        raise UserError(
+            f"No results database at {database}: anomaly-train appends every run to "
+            f"<output root>/{DATABASE_FILE} (paths.results_db). Pass that folder or file."
+        )
+    everything = [record_row(record, run_dir) for record, run_dir in read_runs(database)]
+    if not everything:
+        raise UserError(f"{database} holds no runs yet.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, sections = [], []
+    for dataset in sorted({row["dataset"] for row in everything}):
+        # variants per data set: its own settings (e.g. a generated set's size) are not a method variant
+        subset, repeats = newest_per_combination([row for row in everything if row["dataset"] == dataset])
+        rows += subset
+        notes = [f"Ignored {len(repeats)} older run(s) of a combination run again."] if repeats else []
+        tables = summary_tables(subset)
+        markdown = summary_markdown(subset, tables, notes, title=f"{dataset}: results")
+        (out_dir / f"{dataset}.md").write_text(markdown)
+        sections.append((dataset, subset, tables, save_plots(subset, out_dir / "plots" / dataset)))
+    overview = overview_tables(rows)
+    lines = ["# All data sets: mean over categories", "", "Values ×100; (n/N): categories run of N.", ""]
+    for metric, table in overview.items():
+        lines += [f"## {metric}", "", *markdown_table(table), ""]
+    (out_dir / "overview.md").write_text("\n".join(lines))
+    page = out_dir / "index.html"
+    page.write_text(database_report_html(overview, sections, database, out_dir))
+    return page
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="anomaly-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path, help=f"an output root holding {DATABASE_FILE} (or the file)")
+    parser.add_argument("--out", type=Path, help="where to write the report (default: <source>/report)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    root = args.source if args.source.is_dir() else args.source.parent
+    page = report_user_errors(lambda: write_report(args.source, args.out or root / "report"))
+    print(f"Report: {page} (Markdown tables beside it)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
