@@ -26,6 +26,7 @@ from anomaly.calibration import Calibration
 from anomaly.data.preprocessing import Preprocessing
 from anomaly.errors import ConfigError, ModelFileError
 from anomaly.methods import METHODS
+from anomaly.methods.tiling import Tiling, tile_model
 
 FORMAT_VERSION = 2
 COMPONENTS: dict[str, type[nn.Module]] = {  # constructor key -> the class built from the mapping there
@@ -45,6 +46,7 @@ class LoadedModel:
     calibration: Calibration | None  # fitted on normal images only; None when the run had none
     config: dict  # the plain constructor values the model was rebuilt from
     lineage: list[dict]  # the updates (anomaly-update) that led to this file, oldest first; [] if fitted
+    tiling: Tiling | None  # the tiles the model fits and scores (anomaly.methods.tiling); None: whole images
 
 
 def save_model(
@@ -55,8 +57,9 @@ def save_model(
     path: Path,
     calibration: Calibration | None = None,
     lineage: list[dict] | None = None,
+    tiling: Tiling | None = None,
 ) -> None:
-    """Writes ``model``'s fitted state and what rebuilds it.
+    """Writes ``model``'s fitted state and what rebuilds it (``tiling``: the tiling that wraps it).
 
     ``model_config`` is the resolved method model config (Hydra's ``_target_`` keys allowed: each must
     name the class the allow-list builds at that place, so that the file loads as it was trained).
@@ -75,6 +78,7 @@ def save_model(
         "preprocessing": json.dumps(preprocessing.to_dict()),
         "calibration": json.dumps(calibration.to_dict() if calibration else None),
         "lineage": json.dumps(lineage or []),  # a record: never used to build anything
+        "tiling": json.dumps(tiling.to_dict() if tiling else None),
     }
     save_file(state, str(path), metadata=metadata)
 
@@ -99,10 +103,15 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     try:
         preprocessing = Preprocessing.from_dict(preprocessing_values)
         calibration = Calibration.from_dict(calibration_values)
+        tiling = Tiling.from_dict(_json(metadata, "tiling", path) if "tiling" in metadata else None)
         cls = METHODS[method]
         # values only training needs (EfficientAD's teacher file): the file holds their result
         unused = {key: None for key in getattr(cls, "training_only_arguments", ()) if key in config}
-        model = _build(cls, {**config, **unused}, f"{path}: method {method}")
+
+        def build() -> nn.Module:
+            return _build(cls, {**config, **unused}, f"{path}: method {method}")
+
+        model = build() if tiling is None else tile_model(build, tiling)
     except (ValueError, TypeError) as error:  # ConfigError, and the constructors' own checks
         raise ModelFileError(
             f"{path} holds values this version cannot use: {error}. {GOOD_FILE_HINT}"
@@ -121,7 +130,7 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     lineage = _json(metadata, "lineage", path)
     if not isinstance(lineage, list):
         raise ModelFileError(f"{path}: its lineage is not a list. {GOOD_FILE_HINT}")
-    return LoadedModel(model.to(device).eval(), method, preprocessing, calibration, config, lineage)
+    return LoadedModel(model.to(device).eval(), method, preprocessing, calibration, config, lineage, tiling)
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -153,12 +162,15 @@ def _json(metadata: dict[str, str], key: str, path: Path) -> object:
 
 def _unstored_prefixes(model: nn.Module) -> tuple[str, ...]:
     """State-dict prefixes of pretrained frozen backbones: their weights come from the backbone config.
-    A randomly initialised backbone cannot be recreated, so its weights are stored."""
-    return tuple(
-        f"{name}."
-        for name, module in model.named_modules()
-        if isinstance(module, FeatureExtractor) and module.pretrained
-    )
+    A randomly initialised backbone cannot be recreated, so its weights are stored, once: the further
+    places of a shared one (a tiling's positions) are rebuilt sharing it."""
+    prefixes, seen = [], set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, FeatureExtractor):
+            if module.pretrained or id(module) in seen:
+                prefixes.append(f"{name}.")
+            seen.add(id(module))
+    return tuple(prefixes)
 
 
 def _plain_config(cls: type | None, config: dict, where: str) -> dict:

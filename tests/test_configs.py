@@ -17,6 +17,7 @@ from anomaly.errors import ConfigError
 from anomaly.methods import METHODS
 from anomaly.methods.base import FitOnceModel
 from anomaly.methods.lightning import AnomalyModule
+from anomaly.reports.tables import BENCHMARK_CATEGORIES
 
 CONFIGS = config_dir()
 GROUPS = {
@@ -110,6 +111,14 @@ def test_every_experiment_composes_and_builds_its_dataset(experiment):
     cfg = compose_train([f"experiment={experiment}", "dataset.root=/nowhere"])
     assert cfg.hydra.sweeper.params["dataset.category"]
     assert isinstance(instantiate(cfg.dataset), AnomalyDataModule)
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARK_CATEGORIES))
+def test_each_benchmark_sweeps_exactly_its_data_sets_categories(name):
+    cfg = compose_train([f"experiment=benchmark_{name}", "dataset.root=/nowhere"])
+    swept = [c.strip("'") for c in str(cfg.hydra.sweeper.params["dataset.category"]).split(",")]
+    assert swept == list(BENCHMARK_CATEGORIES[name]) and cfg.hydra.runtime.choices.dataset == name
+    assert cfg.dataset.category in BENCHMARK_CATEGORIES[name]
 
 
 @pytest.mark.parametrize("search", GROUPS["hparams_search"])

@@ -121,6 +121,15 @@ def test_patchcore_reweighting_traces_with_a_dynamic_batch(trained):
     assert result.parity.failures == 0
 
 
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_a_tiled_model_exports_with_its_tiling_in_the_graph(trained, fmt):
+    """Per-position PaDiM over 2x2 overlapping tiles: splitting and stitching are traced with the model."""
+    run_dir = trained("padim", "dataset.image_size=[48,48]", "tiling.tile_size=32", "tiling.stride=16",
+                      "tiling.per_position=true")  # fmt: skip
+    result = export(compose_export([f"model={run_dir}", f"format={fmt}", "num_parity_images=3"]))
+    assert result.parity.failures == 0 and result.output_size == (48, 48)
+
+
 def test_a_perturbed_export_fails_with_the_differences_and_writes_nothing(
     trained, tmp_path, monkeypatch, capsys
 ):

@@ -35,9 +35,11 @@ from anomaly.cli.runtime import (
     user_message,
 )
 from anomaly.data.datamodule import AnomalyDataModule
+from anomaly.data.preprocessing import Preprocessing
 from anomaly.errors import ConfigError
-from anomaly.methods.base import FitOnceModel
+from anomaly.methods.base import AnomalyModel, FitOnceModel
 from anomaly.methods.lightning import AnomalyModule
+from anomaly.methods.tiling import Tiling, tile_model
 from anomaly.model_io import save_model
 from anomaly.reports.database import append_run
 from anomaly.reports.records import RunRecord
@@ -62,7 +64,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule: AnomalyDataModule = instantiate(cfg.dataset)
-    model = instantiate(cfg.method.model)  # builds the backbone too, where the method uses one
+    tiling = tiling_of(cfg, datamodule.preprocessing)
+    model = build_model(cfg, tiling)
     module: AnomalyModule = instantiate(cfg.method.module, model=model)
     loggers = build_loggers(cfg)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False)
@@ -74,11 +77,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    calibration = calibrate(cfg, trainer, module, datamodule)
+    calibration = calibrate(cfg, trainer, module, datamodule, tiling)
     calibration_seconds = time.perf_counter() - start
     model_config = OmegaConf.to_container(cfg.method.model, resolve=True)
     path = output_dir / "model.safetensors"
-    save_model(model, cfg.method.name, model_config, datamodule.preprocessing, path, calibration)
+    save_model(
+        model, cfg.method.name, model_config, datamodule.preprocessing, path, calibration, tiling=tiling
+    )
 
     start = time.perf_counter()
     test(cfg, trainer, module, datamodule, calibration)
@@ -112,8 +117,36 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def build_model(cfg: DictConfig, tiling: Tiling | None) -> AnomalyModel:
+    """The method's model (with its backbone, where it uses one); fitted and scored tile by tile with a
+    tiling."""
+
+    def build() -> AnomalyModel:
+        return instantiate(cfg.method.model)
+
+    return build() if tiling is None else tile_model(build, tiling)
+
+
+def tiling_of(cfg: DictConfig, preprocessing: Preprocessing) -> Tiling | None:
+    """The run's tiling (``tiling.tile_size`` set), over the one size that every preprocessed image has."""
+    settings = cfg.get("tiling") or {}
+    if not settings.get("tile_size"):
+        return None
+    if preprocessing.output_size is None:
+        raise ConfigError(
+            "Tiling needs one size for every image: set dataset.image_size=[height, width] (e.g. the "
+            "images' own size, to tile them at full resolution) or dataset.crop_size"
+        )
+    stride = settings.get("stride") or settings.tile_size
+    return Tiling(settings.tile_size, stride, preprocessing.output_size, bool(settings.get("per_position")))
+
+
 def calibrate(
-    cfg: DictConfig, trainer: pl.Trainer, module: AnomalyModule, datamodule: AnomalyDataModule
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    module: AnomalyModule,
+    datamodule: AnomalyDataModule,
+    tiling: Tiling | None,
 ) -> Calibration | None:
     """The decision thresholds, from normal images the model did not fit on (never the test set)."""
     settings = cfg.threshold
@@ -128,7 +161,7 @@ def calibrate(
                  "(dataset.calibration_dir=<good images> is exact and cheaper).", count)  # fmt: skip
         folds = [partial(images_on, loader, device) for loader in datamodule.fold_dataloaders(count)]
         with torch.no_grad():
-            scores, maxima = model.cross_fit_scores(folds, lambda: instantiate(cfg.method.model).to(device))
+            scores, maxima = model.cross_fit_scores(folds, lambda: build_model(cfg, tiling).to(device))
         where = f"cross-fit over the {len(datamodule.train_samples)} training images ({count} folds)"
     else:
         outputs = trainer.predict(module, dataloaders=datamodule.calibration_dataloader())

@@ -86,7 +86,7 @@ def update(cfg: DictConfig) -> Path:
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     save_model(loaded.model, loaded.method, loaded.config, loaded.preprocessing, output, calibration,
-               lineage=[*loaded.lineage, lineage])  # fmt: skip
+               lineage=[*loaded.lineage, lineage], tiling=loaded.tiling)  # fmt: skip
     print(f"\nAdded {len(samples)} good images to {model_file}\n  wrote {output}", flush=True)
     if calibration is not None:
         rate, confidence = 100 * calibration.guaranteed_rate, 100 * calibration.confidence

@@ -221,6 +221,19 @@ class AnomalyDataModule(pl.LightningDataModule):
         return self._loader(self.unlabeled[name], shuffle=False)
 
 
+class CategoryDataModule(AnomalyDataModule):
+    """One category of a benchmark: ``root`` holds the data set, ``category`` names the part."""
+
+    def __init__(self, root: str, category: str, **loader_options) -> None:
+        super().__init__(**loader_options)
+        self.root = Path(root).expanduser()
+        self.category = category
+
+    @property
+    def name(self) -> str:
+        return self.category
+
+
 def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Seeded split of normal training samples into (train, validation)."""
     count = round(len(samples) * fraction)

@@ -8,7 +8,7 @@ and any image format the decoder reads. :class:`Layout` says where a family memb
 from dataclasses import dataclass
 from pathlib import Path
 
-from anomaly.data.datamodule import AnomalyDataModule, Splits
+from anomaly.data.datamodule import CategoryDataModule, Splits
 from anomaly.data.samples import Sample, SkippedFile, find_mask, list_images, require_dir
 from anomaly.errors import DataError
 
@@ -103,19 +103,10 @@ def _masks(folder: Path, layout: Layout, skipped: list[SkippedFile] | None) -> d
     return {path.stem: path for path in list_images(folder, skipped)}
 
 
-class MVTecAD(AnomalyDataModule):
+class MVTecAD(CategoryDataModule):
     """One category of MVTec AD (or of any data set laid out like it)."""
 
     layout = MVTEC_AD
-
-    def __init__(self, root: str, category: str, **loader_options) -> None:
-        super().__init__(**loader_options)
-        self.root = Path(root).expanduser()
-        self.category = category
-
-    @property
-    def name(self) -> str:
-        return self.category
 
     def load_samples(self) -> Splits:
         return layout_samples(self.root, self.category, self.layout, self.skipped)

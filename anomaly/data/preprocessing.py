@@ -38,6 +38,15 @@ class Preprocessing:
         steps.append(v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True))
         return v2.Compose(steps)
 
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """The (height, width) of every transformed image; None when it follows each image's aspect ratio
+        (an int image_size without a crop)."""
+        size = self.crop_size if self.crop_size is not None else self.image_size
+        if isinstance(size, int):
+            return (size, size) if self.crop_size is not None else None
+        return size
+
     def to_dict(self) -> dict:
         """Plain JSON values (pairs as lists)."""
         return {

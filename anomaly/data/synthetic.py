@@ -22,13 +22,14 @@ from scipy import ndimage
 from anomaly.data.datamodule import Splits
 from anomaly.data.mvtec import MVTecAD
 
-CATEGORIES: tuple[str, ...] = ("fabric", "tile", "washer")
-DEFECT_TYPES: tuple[str, ...] = ("scratch", "crack", "hole", "stain", "missing", "contamination", "color")
+CATEGORIES: tuple[str, ...] = ("fabric", "tile", "washer", "specks")
+DEFECT_TYPES = ("scratch", "crack", "hole", "stain", "missing", "contamination", "color", "speck")
 
 _CATEGORY_DEFECTS: dict[str, tuple[str, ...]] = {
     "fabric": ("hole", "stain", "color", "contamination", "missing"),
     "tile": ("crack", "scratch", "hole", "stain", "color"),
     "washer": ("scratch", "crack", "missing", "contamination", "color"),
+    "specks": ("speck",),  # fabric with particles of a few pixels at any image size: for tiling
 }
 _SPLITS = {"train": 0, "test_good": 1, "test_defect": 2}
 _GENERATOR_VERSION = 1  # bump when the images change, so that ensure_dataset regenerates old data
@@ -273,6 +274,7 @@ _RENDERERS: dict[str, Callable[[np.random.Generator, int], _Scene]] = {
     "fabric": _fabric,
     "tile": _tile,
     "washer": _washer,
+    "specks": _fabric,
 }
 
 
@@ -448,6 +450,16 @@ def _color(rng: np.random.Generator, scene: _Scene) -> tuple[np.ndarray, np.ndar
     return alpha, np.concatenate([yiq[..., :1], chroma], axis=-1) @ _YIQ_TO_RGB.T
 
 
+def _speck(rng: np.random.Generator, scene: _Scene) -> tuple[np.ndarray, np.ndarray]:
+    """One to three dark particles 3 to 6 px across whatever the image size: what resizing erases."""
+    size = scene.image.shape[0]
+    alpha = np.zeros((size, size))
+    for _ in range(rng.integers(1, 4)):
+        y, x = _centred_grid(size, _centre(rng, scene))
+        alpha = np.maximum(alpha, np.clip(rng.uniform(1.5, 3.0) + 0.5 - np.hypot(y, x), 0, 1))
+    return alpha, np.broadcast_to(_FOREIGN_RGB[0], scene.image.shape)
+
+
 _DEFECTS: dict[str, Callable[[np.random.Generator, _Scene], tuple[np.ndarray, np.ndarray]]] = {
     "scratch": _scratch,
     "crack": _crack,
@@ -456,6 +468,7 @@ _DEFECTS: dict[str, Callable[[np.random.Generator, _Scene], tuple[np.ndarray, np
     "missing": _missing,
     "contamination": _contamination,
     "color": _color,
+    "speck": _speck,
 }
 
 

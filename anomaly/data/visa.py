@@ -11,7 +11,7 @@ as skipped.
 import csv
 from pathlib import Path
 
-from anomaly.data.datamodule import AnomalyDataModule, Splits
+from anomaly.data.datamodule import CategoryDataModule, Splits
 from anomaly.data.samples import Sample, SkippedFile
 from anomaly.errors import DataError
 
@@ -28,17 +28,8 @@ HINT = (
 )
 
 
-class VisA(AnomalyDataModule):
+class VisA(CategoryDataModule):
     """One category of VisA, split as ``split_csv/1cls.csv`` says."""
-
-    def __init__(self, root: str, category: str, **loader_options) -> None:
-        super().__init__(**loader_options)
-        self.root = Path(root).expanduser()
-        self.category = category
-
-    @property
-    def name(self) -> str:
-        return self.category
 
     def load_samples(self) -> Splits:
         rows = read_split(self.root / SPLIT_FILE)

@@ -92,6 +92,11 @@ class TrainedModel(AnomalyModel):
     # their result, e.g. EfficientAD's teacher weights): a loaded model gets None for them
     training_only_arguments: ClassVar[tuple[str, ...]] = ()
 
+    @property
+    def trained_model(self) -> "TrainedModel":
+        """The model whose parameters the optimisers step: this one, or the one a tiling shares."""
+        return self
+
     def training_loss(self, images: Tensor) -> dict[str, Tensor]:
         """The losses of a batch of normal images; the total, which is minimised, under ``"loss"``."""
         raise NotImplementedError

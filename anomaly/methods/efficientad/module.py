@@ -45,7 +45,7 @@ class EfficientADModule(TrainedModule):
         num_examples: int = 8,
     ) -> None:
         super().__init__(model, num_examples)
-        if not model.teacher_loaded:  # here, before any data is read
+        if not model.trained_model.teacher_loaded:  # here, before any data is read
             raise ConfigError(TEACHER_HELP)
         if max_steps < 1:
             raise ConfigError(f"max_steps must be positive, got {max_steps}")
@@ -59,7 +59,8 @@ class EfficientADModule(TrainedModule):
         self._penalty_batches: Iterator[Tensor] | None = None
 
     def configure_optimizers(self) -> dict:
-        parameters = itertools.chain(self.model.student.parameters(), self.model.autoencoder.parameters())
+        network = self.model.trained_model  # the model itself, or the one a tiling shares
+        parameters = itertools.chain(network.student.parameters(), network.autoencoder.parameters())
         optimizer = torch.optim.Adam(parameters, lr=self.lr, weight_decay=self.weight_decay)
         step_size = max(1, int(self.lr_step_fraction * self.max_steps))
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size, gamma=0.1)

@@ -30,12 +30,13 @@ class SimpleNetModule(TrainedModule):
         self.discriminator_weight_decay = discriminator_weight_decay
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        network = self.model.trained_model  # the model itself, or the one a tiling shares
         return [
             torch.optim.AdamW(
-                self.model.adaptor.parameters(), lr=self.adaptor_lr, weight_decay=self.adaptor_weight_decay
+                network.adaptor.parameters(), lr=self.adaptor_lr, weight_decay=self.adaptor_weight_decay
             ),
             torch.optim.Adam(
-                self.model.discriminator.parameters(),
+                network.discriminator.parameters(),
                 lr=self.discriminator_lr,
                 weight_decay=self.discriminator_weight_decay,
             ),
