@@ -22,7 +22,10 @@ Trained methods (SimpleNet, EfficientAD) have no collect/fit stages; for them th
 * ``throughput_ips``: test images per second at the configured batch size.
 
 Peak RSS is this process's (GPU peak memory too, when on CUDA). ``--compare-peer`` also runs anomalib
-through ``../shared/peer`` on the same data and prints the ratios. Example::
+through ``../shared/peer`` on the same data and prints the ratios. ``--seeds 0 1 2`` instead runs the whole
+job (and, with ``--compare-peer``, anomalib's) once per seed and prints each metric as mean ± sample std on
+each side with the difference of the means: a single seed cannot tell a 0.01 gap from seed noise (PaDiM's
+channel choice, PatchCore's projection and starting points). Example::
 
     python scripts/benchmark_stages.py --json bench.json -- dataset=mvtec \\
         dataset.root=../shared/data/mvtec_ad dataset.category=bottle dataset.image_size=[256,256] \\
@@ -230,6 +233,7 @@ def run_peer(args: argparse.Namespace, cfg) -> dict:
         "--data-root", args.peer_data_root or str(cfg.dataset.root), "--category", str(cfg.dataset.category),
         "--model", cfg.method.name, "--backbone", "tf_efficientnet_lite0", "--layers", *layers,
         "--image-size", str(args.peer_image_size), "--threads", str(torch.get_num_threads()),
+        "--seed", str(cfg.seed),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=args.peer_dir, capture_output=True, text=True)
     if result.returncode != 0:  # our figures still get printed and written; the peer's error is shown
@@ -250,6 +254,42 @@ def peer_figures(peer: dict, end_to_end_s: float | None) -> dict:
     if end_to_end_s is not None:
         figures["ours_over_peer"] = round(end_to_end_s / figures["peer_fit_plus_test_s"], 3)
     return figures
+
+
+SEED_METRICS = {  # ours -> the peer runner's name
+    "image_auroc": "image_AUROC",
+    "pixel_auroc": "pixel_AUROC",
+    "pixel_aupro": "AUPRO",
+    "fit_plus_test_s": None,
+}
+
+
+def compare_seeds(args: argparse.Namespace, overrides: list[str], output_dir: Path) -> dict:
+    """The whole job per seed, ours and (``--compare-peer``) anomalib's: mean ± std per side and metric."""
+    ours, peer = [], []
+    for seed in args.seeds:
+        cfg = compose_config([*overrides, f"seed={seed}"], output_dir / f"seed{seed}")
+        metrics = train(cfg)
+        ours.append({**metrics, "fit_plus_test_s": metrics["fit_seconds"] + metrics["test_seconds"]})
+        if args.compare_peer:
+            result = run_peer(args, cfg)
+            peer.append({**result, "fit_plus_test_s": result["fit_s"] + result["test_s"]})
+        print(f"seed {seed}: ours " + ", ".join(f"{k} {ours[-1][k]:.4f}" for k in SEED_METRICS), flush=True)
+    figures: dict = {"seeds": " ".join(map(str, args.seeds))}
+    for metric, peer_name in SEED_METRICS.items():
+        mine = [run[metric] for run in ours]
+        figures[f"{metric} ours"] = spread(mine)
+        if peer:
+            theirs = [run[peer_name or metric] for run in peer]
+            figures[f"{metric} anomalib"] = spread(theirs)
+            figures[f"{metric} ours - anomalib"] = f"{statistics.mean(mine) - statistics.mean(theirs):+.4f}"
+    return figures
+
+
+def spread(values: list[float]) -> str:
+    """Mean ± sample std (± 0 for one value)."""
+    deviation = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {deviation:.4f}"
 
 
 def print_table(rows: dict[str, float | str]) -> None:
@@ -277,11 +317,19 @@ def main() -> None:
     )
     parser.add_argument("--train-steps", type=int, default=20, help="timed steps (trained methods)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps and images first")
+    parser.add_argument("--seeds", type=int, nargs="+", help="whole runs per seed, mean ± std (no stages)")
     args = parser.parse_args()
 
     output_dir = Path("outputs/benchmarks") / time.strftime("%Y-%m-%d_%H-%M-%S")
     overrides = [*args.overrides, "logger=none", "trainer.enable_progress_bar=false"]
     cfg = compose_config(overrides, output_dir)
+    if args.seeds:
+        figures = compare_seeds(args, overrides, output_dir)
+        print(f"\n{cfg.method.name} | {cfg.backbone.name} | {cfg.dataset.get('category')} over seeds")
+        print_table(figures)
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        return
     if cfg.reuse_freed_memory:  # as anomaly-train does, so that every stage runs under the same malloc
         keep_freed_memory_for_reuse()
     figures: dict = {

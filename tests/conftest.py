@@ -105,10 +105,10 @@ def small_data_overrides() -> list[str]:
 
 @pytest.fixture(scope="session")
 def run_job() -> Callable[[Path, list[str]], tuple[dict, Path]]:
-    """``run_job(tmp_path, overrides)``: anomaly-train's job with these overrides, in ``tmp_path/run``;
-    returns (metrics, run dir)."""
+    """``run_job(tmp_path, overrides, method=None)``: anomaly-train's job with these overrides (and a method
+    config of the test's own), in ``tmp_path/run``; returns (metrics, run dir)."""
 
-    def run(tmp_path: Path, overrides: list[str]) -> tuple[dict, Path]:
+    def run(tmp_path: Path, overrides: list[str], method: dict | None = None) -> tuple[dict, Path]:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = compose("train", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
@@ -117,6 +117,8 @@ def run_job() -> Callable[[Path, list[str]], tuple[dict, Path]]:
             cfg.paths.output_dir = str(output_dir)
             cfg.paths.data_dir = str(tmp_path.parent / "shared-data")
             cfg.paths.results_db = str(tmp_path / "runs.sqlite")
+            if method is not None:  # a method config of the test's own, in place of configs/method/
+                cfg.method = method
             del cfg.hydra  # as in a real run, where the job config has no hydra node
         return train(cfg), output_dir
 
@@ -127,7 +129,7 @@ def run_job() -> Callable[[Path, list[str]], tuple[dict, Path]]:
 def run_training(run_job) -> Callable[[Path, list[str]], tuple[dict, Path]]:
     """``run_training(tmp_path, overrides)``: anomaly-train's job on small generated data (generated once
     per test session folder); returns (metrics, run dir)."""
-    return lambda tmp_path, overrides: run_job(tmp_path, [*SMALL_DATA, *overrides])
+    return lambda tmp_path, overrides, method=None: run_job(tmp_path, [*SMALL_DATA, *overrides], method)
 
 
 @pytest.fixture(scope="session")

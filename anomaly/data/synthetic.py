@@ -4,7 +4,8 @@ Each image is drawn from its own seed (data-set seed, category, split, index), s
 how many images or which other categories are generated with it, and the same parameters always give
 byte-identical PNGs. Normal images vary in pattern phase, pose, lighting and sensor noise, so a detector
 has to model the surface rather than memorise pixels. A defect is blended in through a soft footprint
-(``alpha``); the pixels it replaces by at least half form the ground-truth mask.
+(``alpha``); the pixels it replaces by at least half form the ground-truth mask. (Over 300 lines: a small
+renderer per surface and per defect type, kept together because they share the scene they draw on.)
 """
 
 import itertools
