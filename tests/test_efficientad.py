@@ -286,3 +286,9 @@ def test_decoder_dropout_is_stochastic_in_training_and_off_in_eval():
     assert not torch.equal(autoencoder(images, (8, 8)), autoencoder(images, (8, 8)))
     autoencoder.eval()
     assert torch.equal(autoencoder(images, (8, 8)), autoencoder(images, (8, 8)))
+
+
+def test_decoder_dropout_zero_is_deterministic_in_training():
+    autoencoder = AutoEncoder(32, dropout=0.0).train()
+    images = torch.rand(1, 3, SIZE, SIZE)
+    assert torch.equal(autoencoder(images, (8, 8)), autoencoder(images, (8, 8)))

@@ -77,7 +77,8 @@ def patch_description_network(out_channels: int, model_size: str, padding: bool 
 
 class AutoEncoder(nn.Module):
     """The reference autoencoder: six stride-2 convolutions and an 8×8 one down to a 64-d code, then six
-    stages of bilinear upsampling, 4×4 convolution, ReLU and dropout (0.2, active in training only) and
+    stages of bilinear upsampling, 4×4 convolution, ReLU and dropout (``dropout``, the references' 0.2,
+    active in training only) and
     a head back to the teacher's ``[B, out_channels, h, w]`` grid.
 
     The decoder's intermediate sizes are derived from the input size as anomalib does; at 256 px they
@@ -86,7 +87,7 @@ class AutoEncoder(nn.Module):
     nothing changes.
     """
 
-    def __init__(self, out_channels: int) -> None:
+    def __init__(self, out_channels: int, dropout: float = 0.2) -> None:
         super().__init__()
         channels = [3, 32, 32, 64, 64, 64]  # five stride-2 convolutions: 256 px → 8×8
         self.encoder = nn.Sequential()
@@ -94,7 +95,7 @@ class AutoEncoder(nn.Module):
             self.encoder.extend([nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1), nn.ReLU()])
         self.bottleneck = nn.Conv2d(64, 64, kernel_size=8)
         self.up_convs = nn.ModuleList(nn.Conv2d(64, 64, kernel_size=4, padding=2) for _ in range(6))
-        self.dropout = nn.Dropout(0.2)  # after each of the six stages, as the references (training only)
+        self.dropout = nn.Dropout(dropout)  # after each of the six stages, as the references (training only)
         self.head = nn.Sequential(
             nn.Conv2d(64, 64, kernel_size=3, padding=1), nn.ReLU(), nn.Conv2d(64, out_channels, 3, padding=1)
         )
@@ -129,6 +130,8 @@ class EfficientAD(TrainedModel):
         hard_quantile: the student-teacher loss averages the squared differences at or above this
             quantile (paper: 0.999).
         quantile_low, quantile_high: map quantiles on normal images mapped to 0 and 0.1 (paper: 0.9, 0.995).
+        autoencoder_dropout: dropout after each decoder stage, in training only (references: 0.2; 0 turns
+            it off, for ablations).
     """
 
     training_only_arguments = ("teacher_weights",)
@@ -141,6 +144,7 @@ class EfficientAD(TrainedModel):
         hard_quantile: float = 0.999,
         quantile_low: float = 0.9,
         quantile_high: float = 0.995,
+        autoencoder_dropout: float = 0.2,
     ) -> None:
         super().__init__()
         if not 0 < quantile_low < quantile_high < 1 or not 0 < hard_quantile < 1:
@@ -148,6 +152,8 @@ class EfficientAD(TrainedModel):
                 "need 0 < quantile_low < quantile_high < 1 and 0 < hard_quantile < 1, got "
                 f"{quantile_low}, {quantile_high}, {hard_quantile}"
             )
+        if not 0 <= autoencoder_dropout < 1:
+            raise ConfigError(f"autoencoder_dropout must be in [0, 1), got {autoencoder_dropout}")
         self.model_size = model_size
         self.out_channels = out_channels
         self.hard_quantile = hard_quantile
@@ -155,7 +161,7 @@ class EfficientAD(TrainedModel):
         self.quantile_high = quantile_high
         self.teacher = patch_description_network(out_channels, model_size).requires_grad_(False)
         self.student = patch_description_network(2 * out_channels, model_size)
-        self.autoencoder = AutoEncoder(out_channels)
+        self.autoencoder = AutoEncoder(out_channels, autoencoder_dropout)
         self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         register_fitted_buffer(self, "teacher_mean")  # [1, C, 1, 1]
