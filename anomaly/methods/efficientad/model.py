@@ -78,8 +78,7 @@ def patch_description_network(out_channels: int, model_size: str, padding: bool 
 class AutoEncoder(nn.Module):
     """The reference autoencoder: six stride-2 convolutions and an 8×8 one down to a 64-d code, then six
     stages of bilinear upsampling, 4×4 convolution, ReLU and dropout (``dropout``, the references' 0.2,
-    active in training only) and
-    a head back to the teacher's ``[B, out_channels, h, w]`` grid.
+    active in training only) and a head back to the teacher's ``[B, out_channels, h, w]`` grid.
 
     The decoder's intermediate sizes are derived from the input size as anomalib does; at 256 px they
     are the reference's 3, 8, 15, 32, 63, 127. Below 256 px the encoder's last map is smaller than the
