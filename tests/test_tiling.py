@@ -65,6 +65,25 @@ def test_each_position_fits_its_own_tiles(tiny_backbone, smooth_images):
     assert torch.equal(output.image_score, output.anomaly_map.amax(dim=(1, 2, 3)))
 
 
+def test_each_position_learns_all_its_new_tiles_in_one_update(tiny_backbone, smooth_images, monkeypatch):
+    tiling = Tiling(32, 32, (64, 64), per_position=True)
+    tiled = tile_model(lambda: Padim(tiny_backbone(), n_features=10, seed=3), tiling)
+    old, new = smooth_images(6, 0), smooth_images(6, 1)
+    tiled.collect(old)
+    tiled.fit()
+    updates = []
+    update = Padim.update
+    monkeypatch.setattr(Padim, "update", lambda model, batches: updates.append(update(model, list(batches))))
+    tiled.update(new.split(2))  # three batches
+    assert len(updates) == 4  # one per position, over all three batches
+    for i, (top, left) in enumerate(tiling.offsets):
+        alone = Padim(tiny_backbone(), n_features=10, seed=3)
+        alone.collect(torch.cat([old, new])[..., top : top + 32, left : left + 32])
+        alone.fit()
+        assert int(tiled.models[i].count) == 12
+        torch.testing.assert_close(tiled.models[i].mean, alone.mean, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore:backbone resnet18 is randomly initialised")
 def test_a_per_position_model_stores_its_shared_backbone_once_and_reloads_identically(tmp_path):
     tiling = Tiling(32, 32, (64, 64), per_position=True)

@@ -18,7 +18,7 @@ Splitting is slicing and stitching is padding and adding, so the tiling is part 
 """
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -96,15 +96,9 @@ class Tiling:
     def from_dict(cls, values: object) -> "Tiling | None":
         if values is None:
             return None
-        if not isinstance(values, dict) or set(values) != {
-            "tile_size",
-            "stride",
-            "image_size",
-            "per_position",
-        }:
-            raise ConfigError(
-                f"a tiling needs tile_size, stride, image_size and per_position, got {values!r}"
-            )
+        names = {field.name for field in fields(cls)}
+        if not isinstance(values, dict) or set(values) != names:
+            raise ConfigError(f"a tiling needs {', '.join(sorted(names))}, got {values!r}")
         return cls(**values)
 
 
@@ -172,13 +166,14 @@ class TiledFitOnceModel(FitOnceModel):
             model.fit()
 
     def update(self, batches: Iterable[Tensor]) -> None:
+        """Each model learns its tiles in one update (one refit of PaDiM's inverses, one greedy extension
+        of PatchCore's bank over all new tiles); per position the new images are held while they pass."""
         if not self.tiling.per_position:
             self.models[0].update(self.tiling.split(images).flatten(0, 1) for images in batches)
             return
-        for images in batches:  # each position's model learns its own tiles
-            tiles = self.tiling.split(images)
-            for i, model in enumerate(self.models):
-                model.update([tiles[:, i]])
+        batches = list(batches)
+        for i, model in enumerate(self.models):
+            model.update(self.tiling.split(images)[:, i] for images in batches)
 
     def use_graph_safe_ops(self) -> None:
         for model in self.models:
