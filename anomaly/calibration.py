@@ -18,6 +18,7 @@ map maximum: with it at most a share α_pix of good parts gets any false-positiv
 """
 
 import logging
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -59,6 +60,35 @@ class Calibration:
     scores: tuple[float, ...] = ()  # the normal image scores (drift checks and model updates use them)
     map_maxima: tuple[float, ...] = ()  # their maps' maxima (model updates refit the pixel threshold)
 
+    def __post_init__(self) -> None:
+        """Every value finite and in range (a NaN threshold would call every part good); a calibration read
+        from a model file is checked here too."""
+        numbers = [
+            getattr(self, f.name) for f in fields(self) if f.name not in ("source", "scores", "map_maxima")
+        ]
+        if not all(math.isfinite(value) for value in [*numbers, *self.scores, *self.map_maxima]):
+            raise ConfigError("calibration values and scores must be finite numbers, got NaN or infinity")
+        rates = (self.false_alarm_rate, self.pixel_false_alarm_rate, self.confidence)
+        if not all(0 < rate < 1 for rate in rates):
+            raise ConfigError(f"calibration budgets and confidence must be in (0, 1), got {rates}")
+        if not all(0 <= rate <= 1 for rate in (self.guaranteed_rate, self.pixel_guaranteed_rate,
+                                                self.validation_upper_bound)):  # fmt: skip
+            raise ConfigError("calibration guaranteed rates must be in [0, 1]")
+        counts_are_ints = all(
+            isinstance(v, int) and not isinstance(v, bool) for v in (self.order, self.num_images)
+        )
+        if (
+            not counts_are_ints
+            or not 1 <= self.order <= self.num_images
+            or (self.scores and len(self.scores) != self.num_images)
+        ):
+            raise ConfigError(
+                f"calibration order {self.order} of {self.num_images} images does not fit its "
+                f"{len(self.scores)} scores"
+            )
+        if len(self.map_maxima) != len(self.scores):
+            raise ConfigError("calibration needs one map maximum per score")
+
     def normalise(self, scores: Tensor) -> Tensor:
         """0 = a typical good part, 1 = at the threshold (same formula for image scores and maps)."""
         return (scores - self.normal_median) / max(self.threshold - self.normal_median, 1e-12)
@@ -99,11 +129,21 @@ def guaranteed_rate(order: int, num_images: int, confidence: float) -> float:
     return float(1 - stats.beta.ppf(1 - confidence, order, num_images - order + 1))
 
 
+def check_budgets(false_alarm_rate: float, pixel_false_alarm_rate: float, confidence: float) -> None:
+    """The budgets and the confidence, each in (0, 1); checked before any work (``threshold.*``)."""
+    settings = {"false_alarm_rate": false_alarm_rate, "pixel_false_alarm_rate": pixel_false_alarm_rate,
+                "confidence": confidence}  # fmt: skip
+    for name, value in settings.items():
+        if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1):
+            raise ConfigError(
+                f"threshold.{name} must be a number in (0, 1), got {value!r} (e.g. 0.01 for a 1 % budget)"
+            )
+
+
 def guarantee(scores: Tensor, budget: float, confidence: float) -> Guarantee:
     """The smallest order statistic of ``scores [n]`` whose false-alarm rate is at most ``budget`` with
     ``confidence``; the largest score (the best that n images allow) when none is."""
-    if not 0 < budget < 1 or not 0 < confidence < 1:
-        raise ConfigError(f"false-alarm budget and confidence must be in (0, 1), got {budget}, {confidence}")
+    check_budgets(budget, budget, confidence)
     num_images = scores.numel()
     if num_images < 1:
         raise ConfigError("a threshold needs normal images to calibrate on, got none")

@@ -20,3 +20,7 @@ class DataError(UserError, RuntimeError):
 
 class ModelFileError(UserError, ValueError):
     """A model file that is not one this version of anomaly wrote, or that is damaged."""
+
+
+class FileSystemError(UserError, OSError):
+    """A file or folder that this user cannot read or write, a read-only file system, a full disk."""

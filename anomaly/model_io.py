@@ -10,16 +10,21 @@ training time); everything fitted or trained is.
 
 import inspect
 import json
+import math
+import os
+import stat
 import types
 import typing
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from hydra.utils import get_class
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from anomaly.backbones import FeatureExtractor, PatchFeatures
 from anomaly.calibration import Calibration
@@ -62,7 +67,10 @@ def save_model(
     """Writes ``model``'s fitted state and what rebuilds it (``tiling``: the tiling that wraps it).
 
     ``model_config`` is the resolved method model config (Hydra's ``_target_`` keys allowed: each must
-    name the class the allow-list builds at that place, so that the file loads as it was trained).
+    name the class the allow-list builds at that place, so that the file loads as it was trained). The file
+    is complete or not there: it is written beside ``path`` and then renamed onto it, so that a failure
+    (a full disk, a kill) leaves any earlier file whole and no partial one. The same model gives the same
+    bytes (sorted keys), so that two seeded runs can be compared by their files.
     """
     config = _plain_config(METHODS.get(method), dict(model_config), f"method {method!r}")
     skipped = _unstored_prefixes(model)
@@ -74,13 +82,38 @@ def save_model(
     metadata = {
         "format_version": str(FORMAT_VERSION),
         "method": method,
-        "model": json.dumps(config),
-        "preprocessing": json.dumps(preprocessing.to_dict()),
-        "calibration": json.dumps(calibration.to_dict() if calibration else None),
-        "lineage": json.dumps(lineage or []),  # a record: never used to build anything
-        "tiling": json.dumps(tiling.to_dict() if tiling else None),
+        "model": json.dumps(config, sort_keys=True),
+        "preprocessing": json.dumps(preprocessing.to_dict(), sort_keys=True),
+        "calibration": json.dumps(calibration.to_dict() if calibration else None, sort_keys=True),
+        "lineage": json.dumps(lineage or [], sort_keys=True),  # a record: never used to build anything
+        "tiling": json.dumps(tiling.to_dict() if tiling else None, sort_keys=True),
     }
-    save_file(state, str(path), metadata=metadata)
+    _write_atomically(state, metadata, path)
+
+
+def _write_atomically(state: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
+    """The safetensors file at ``path``, written beside it and renamed onto it once complete, with the
+    mode of every other output (0o666 less the umask; safetensors alone writes 0o600) and its header's
+    keys sorted (safetensors 0.8 writes the metadata in a random order: the same model, other bytes)."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
+    mode = stat.S_IMODE(temporary.stat().st_mode)
+    try:
+        save_file(state, str(temporary), metadata=metadata)  # replaces the file: its own mode, 0o600
+        with temporary.open("r+b") as file:
+            size = int.from_bytes(file.read(8), "little")
+            entries = json.loads(file.read(size))
+            header = json.dumps(entries, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+            if len(header) > size:  # the same entries as compact JSON: never longer than safetensors' own
+                raise RuntimeError(f"cannot sort the safetensors header of {path}: nothing was written")
+            file.seek(8)
+            file.write(header.ljust(size))  # padded as safetensors pads: the tensors' offsets stay valid
+            os.fsync(file.fileno())
+        temporary.chmod(mode)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
@@ -120,7 +153,13 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as error:
         raise ModelFileError(f"{path}: its tensors cannot be read ({error}). {GOOD_FILE_HINT}") from None
-    result = model.load_state_dict(state, strict=False)
+    _check_tensors(state, path)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a tensor of another shape than the config's layers
+        raise ModelFileError(
+            f"{path}: its tensors do not fit its config ({_first_line(error)}). {GOOD_FILE_HINT}"
+        ) from None
     missing = [key for key in result.missing_keys if not key.startswith(_unstored_prefixes(model))]
     if missing or result.unexpected_keys:
         raise ModelFileError(
@@ -130,6 +169,8 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     lineage = _json(metadata, "lineage", path)
     if not isinstance(lineage, list):
         raise ModelFileError(f"{path}: its lineage is not a list. {GOOD_FILE_HINT}")
+    if (size := tiling.image_size if tiling else preprocessing.output_size) is not None:
+        _probe(model, size, path)  # (images that keep their aspect ratio have no one size to probe)
     return LoadedModel(model.to(device).eval(), method, preprocessing, calibration, config, lineage, tiling)
 
 
@@ -153,11 +194,50 @@ def _read_metadata(path: Path) -> dict[str, str]:
 
 
 def _json(metadata: dict[str, str], key: str, path: Path) -> object:
+    """Metadata ``key`` as JSON values; NaN and ±Infinity (which Python's JSON reads) are refused: no
+    number of a model file is ever non-finite."""
     try:
-        return json.loads(metadata[key])
+        return json.loads(metadata[key], parse_constant=_refuse_non_finite)
     except (KeyError, TypeError, ValueError) as error:
-        message = f"{path}: metadata {key!r} is missing or not JSON ({error}). {GOOD_FILE_HINT}"
-        raise ModelFileError(message) from None
+        message = f"{path}: metadata {key!r} is missing or not valid JSON of finite values ({error})."
+        raise ModelFileError(f"{message} {GOOD_FILE_HINT}") from None
+
+
+def _refuse_non_finite(constant: str) -> float:
+    raise ValueError(f"non-finite number {constant}")
+
+
+def _check_tensors(state: dict[str, Tensor], path: Path) -> None:
+    """Every floating tensor finite: a NaN bank or covariance would score every image NaN."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise ModelFileError(
+                f"{path}: tensor {key!r} {list(tensor.shape)} holds {count} non-finite value(s) (NaN or "
+                f"infinity); the file is damaged. {GOOD_FILE_HINT}"
+            )
+
+
+def _probe(model: nn.Module, loaded_size: tuple[int, int], path: Path) -> None:
+    """Scores one grey image of the model's input size: tensors whose shapes do not fit each other or the
+    config (a resized bank, a map of another grid) fail here, named, before any real image is scored."""
+    try:
+        with torch.no_grad():
+            output = model.eval()(torch.full((1, 3, *loaded_size), 0.5))
+    except (RuntimeError, ValueError, IndexError) as error:
+        raise ModelFileError(
+            f"{path}: its tensors do not fit its config ({_first_line(error)}); the file is damaged or "
+            f"was edited. {GOOD_FILE_HINT}"
+        ) from None
+    if not bool(torch.isfinite(output.anomaly_map).all() and torch.isfinite(output.image_score).all()):
+        raise ModelFileError(
+            f"{path}: a grey test image scores NaN or infinity with this model, so no score of it would "
+            f"be a decision; its values are damaged. {GOOD_FILE_HINT}"
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _unstored_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -216,7 +296,8 @@ def _check_arguments(cls: type, config: dict, where: str) -> None:
 
 
 def _admits(annotation: object, value: object) -> bool:
-    """Whether the plain JSON ``value`` fits ``annotation`` (int for float too; never bool for int)."""
+    """Whether the plain JSON ``value`` fits ``annotation`` (int for float too, finite floats only; never
+    bool for int)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         return any(_admits(arg, value) for arg in args)
@@ -229,7 +310,7 @@ def _admits(annotation: object, value: object) -> bool:
     if annotation is type(None):
         return value is None
     if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if annotation in (str, bool):

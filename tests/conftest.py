@@ -16,9 +16,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from torch import Tensor, nn
 
+from anomaly.backbones import FeatureExtractor
+from anomaly.calibration import fit_calibration
 from anomaly.cli.runtime import config_dir
 from anomaly.cli.train import train
+from anomaly.data.preprocessing import Preprocessing
+from anomaly.methods.padim.model import Padim
 from anomaly.metrics import Evaluator
+from anomaly.model_io import save_model
 
 IMAGE_SIZE = 64  # side of the smooth test images
 SQUARE = (slice(20, 40), slice(24, 44))  # rows, columns of the pasted defect
@@ -130,6 +135,23 @@ def run_training(run_job) -> Callable[[Path, list[str]], tuple[dict, Path]]:
     """``run_training(tmp_path, overrides)``: anomaly-train's job on small generated data (generated once
     per test session folder); returns (metrics, run dir)."""
     return lambda tmp_path, overrides, method=None: run_job(tmp_path, [*SMALL_DATA, *overrides], method)
+
+
+@pytest.fixture(scope="session")
+def padim_file(tmp_path_factory) -> Path:
+    """A fitted PaDiM model file (random-init ResNet18 layer1+2, 64 px, 20 channels) with a calibration of
+    60 scores, as anomaly-train writes it: for tests of loading, predict and update (seconds)."""
+    path = tmp_path_factory.mktemp("padim") / "model.safetensors"
+    backbone = {"name": "resnet18", "layers": ["layer1", "layer2"], "weights": None, "fold_batch_norms": True}
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        model = Padim(FeatureExtractor(**backbone), n_features=20, seed=3)
+    model.collect(torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    model.fit()
+    scores = torch.linspace(1.0, 2.0, 60)
+    calibration = fit_calibration(scores, scores + 1, 0.05, 0.05, 0.9, source="held-out split")
+    config = {"n_features": 20, "seed": 3, "backbone": backbone}
+    save_model(model, "padim", config, Preprocessing([64, 64], None), path, calibration)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -164,7 +164,7 @@ def test_weights_path_loads_the_file_and_normalises(tmp_path) -> None:
     [
         ({"fc.weight": torch.zeros(1)}, BackboneWeightsError, "missing keys"),
         (b"not a checkpoint", BackboneWeightsError, "not a readable"),
-        (None, FileNotFoundError, "not found"),
+        (None, BackboneWeightsError, "does not exist"),
     ],
 )
 def test_bad_weights_path_names_the_file(tmp_path, content, error, detail) -> None:

@@ -140,9 +140,10 @@ def test_threshold_depends_on_normal_images_only(tmp_path, run_training):
     split and from a cross-fit alike: fails if test data leaks into calibration."""
     for source in (["dataset.val_fraction=0.25"], ["dataset.val_fraction=0", "threshold.source=cross_fit"]):
         common = ["method=padim", "logger=none", *source, "threshold.false_alarm_rate=0.1"]
-        first, first_dir = run_training(tmp_path / "a", [*common, "dataset.n_test_defect=12"])
+        name = source[-1].split("=")[-1]
+        first, first_dir = run_training(tmp_path / f"a-{name}", [*common, "dataset.n_test_defect=12"])
         second, _ = run_training(
-            tmp_path / "b", [*common, "dataset.n_test_defect=4", "dataset.n_test_good=2"]
+            tmp_path / f"b-{name}", [*common, "dataset.n_test_defect=4", "dataset.n_test_good=2"]
         )
         assert first["threshold"] == pytest.approx(second["threshold"], rel=1e-6)
         assert first["pixel_threshold"] == pytest.approx(second["pixel_threshold"], rel=1e-6)

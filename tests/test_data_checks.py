@@ -128,7 +128,7 @@ def test_every_format_the_decoder_reads_is_used_and_the_rest_is_listed(tmp_path,
     reasons = {f.path.name: f.reason for f in data.skipped}
     assert reasons[".DS_Store"] == "hidden file" and reasons["subfolder"] == "folder"
     assert reasons["notes.txt"].startswith("not an image extension (.txt")
-    assert "not used: 3 file(s)" in caplog.text and "train 4 images" in caplog.text
+    assert "3 file(s) not used" in caplog.text and "train 4 images" in caplog.text
 
 
 def test_config_values_are_checked_when_the_data_module_is_built():

@@ -75,7 +75,11 @@ def missing_weights_message(url: str) -> str:
 def load_local_state_dict(path: str) -> StateDict:
     """Reads a plain state dict (tensors only, ``weights_only=True``) from a local file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
+        what = "is a folder, not a weights file" if os.path.isdir(path) else "does not exist"
+        raise BackboneWeightsError(
+            f"Backbone weights file {path} {what}: pass backbone.weights_path=<the .pth state dict file>, or "
+            "leave it null to use the backbone's standard weights."
+        )
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

@@ -1,6 +1,7 @@
 """``anomaly-predict``: score new images with a fitted model, as on a production line.
 
-Writes ``predictions.csv`` (path, image score, normalised score, is_anomalous, error), per image a
+Writes ``predictions.csv`` (path, image score, normalised score, is_anomalous, error; every file of
+the input that is not an image, or a sub-folder, gets a row saying why it was not used), per image a
 heatmap overlay and a binary defect mask (the calibrated pixel threshold), and ``summary.json`` (the
 share above the threshold, and whether the batch's scores drifted from the calibration's), into its own
 output dir. An unreadable file is reported by
@@ -25,26 +26,40 @@ from tqdm import tqdm
 from anomaly.calibration import Calibration, drift
 from anomaly.cli.runtime import CONFIG_PATH, prepare_process, report_user_errors
 from anomaly.data.dataset import ImageDataset
-from anomaly.data.samples import Sample, list_images
+from anomaly.data.decode import IMAGE_EXTENSIONS
+from anomaly.data.samples import Sample, SkippedFile, describe_skipped, list_images
 from anomaly.errors import DataError
+from anomaly.methods.base import check_finite
 from anomaly.model_io import load_model
 from anomaly.visualization import save_prediction
 
 log = logging.getLogger(__name__)
 
 
-def resolve_inputs(spec: str) -> list[Path]:
-    """An image file, a folder (its images, sorted) or a glob pattern → image paths."""
+def resolve_inputs(spec: str) -> tuple[list[Path], list[SkippedFile]]:
+    """An image file, a folder (its images, sorted) or a glob pattern → (image paths, what was found and
+    not used, with the reason: the same rules as anomaly-train's listing)."""
     path = Path(spec).expanduser()
+    skipped: list[SkippedFile] = []
     if path.is_dir():
-        paths = list_images(path)
+        folders = "folder (input= reads one folder: pass the sub-folder, or a glob such as 'dir/**/*.png')"
+        paths = list_images(path, skipped, sub_folders=folders)
     elif path.is_file():
-        paths = [path]
+        paths = [path] if path.suffix.lower() in IMAGE_EXTENSIONS else []
+        skipped = [] if paths else [SkippedFile(path, f"not an image extension ({path.suffix or 'none'})")]
     else:
-        paths = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        paths = []
+        for match in sorted(Path(p) for p in glob.glob(str(path), recursive=True)):
+            if match.is_dir():
+                continue  # a glob's folders are the way to its files, not inputs
+            if match.suffix.lower() in IMAGE_EXTENSIONS and not match.name.startswith("."):
+                paths.append(match)
+            else:
+                skipped.append(SkippedFile(match, "not an image extension or hidden"))
     if not paths:
-        raise DataError(f"No images found for input={spec!r}: give an image, a folder or a glob.")
-    return paths
+        found = f" Found {describe_skipped(skipped)}." if skipped else ""
+        raise DataError(f"No images found for input={spec!r}: give an image, a folder or a glob.{found}")
+    return paths, skipped
 
 
 def collate(items: list[dict]) -> dict:
@@ -80,7 +95,9 @@ def predict(cfg: DictConfig, output_dir: Path) -> Path:
     if threshold is None:
         log.warning("The model has no calibrated threshold (trained with dataset.val_fraction=0) and "
                     "threshold= was not given: is_anomalous and masks are left empty.")  # fmt: skip
-    paths = resolve_inputs(str(cfg.input))
+    paths, skipped = resolve_inputs(str(cfg.input))
+    if skipped:
+        log.warning("%s", describe_skipped(skipped))
     samples = [Sample(path, 0, None, "new") for path in paths]
     dataset = ImageDataset(samples, loaded.preprocessing.transform(), with_masks=False, keep_errors=True)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
@@ -91,6 +108,7 @@ def predict(cfg: DictConfig, output_dir: Path) -> Path:
     with csv_path.open("w", newline="") as handle, torch.inference_mode():
         writer = csv.writer(handle)
         writer.writerow(["path", "image_score", "normalised_score", "is_anomalous", "error"])
+        writer.writerows([str(file.path), "", "", "", f"not used: {file.reason}"] for file in skipped)
         for batch in tqdm(loader, desc="Predicting", unit="batch"):
             for path, error in batch["failed"]:
                 log.error("Skipped %s: %s", path, error)
@@ -99,6 +117,7 @@ def predict(cfg: DictConfig, output_dir: Path) -> Path:
             if batch["images"] is None:
                 continue
             output = loaded.model(batch["images"].to(device))
+            check_finite(output, batch["paths"])
             for i, path in enumerate(batch["paths"]):
                 written += 1
                 score = float(output.image_score[i])
@@ -108,10 +127,10 @@ def predict(cfg: DictConfig, output_dir: Path) -> Path:
                     stem = output_dir / "images" / f"{written:05d}_{Path(path).stem}"
                     heat = output.anomaly_map[i, 0].float().cpu()
                     save_prediction(batch["images"][i].cpu(), heat, score, threshold, pixel_threshold, stem)
-    log.info("Scored %d images (%d unreadable) → %s", written, failures, csv_path)
+    log.info("Scored %d images (%d unreadable, %d not used) → %s", written, failures, len(skipped), csv_path)
     if written == 0:
         raise DataError(f"None of the {failures} input image(s) could be read: see {csv_path}.")
-    summary = {"images": written, "unreadable": failures, "threshold": threshold}
+    summary = {"images": written, "unreadable": failures, "not_used": len(skipped), "threshold": threshold}
     if loaded.calibration is not None:
         summary |= drift(torch.tensor(scores), loaded.calibration)
         summary["drift_detected"] = summary["drift_p_value"] < cfg.drift_alpha

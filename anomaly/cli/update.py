@@ -24,9 +24,15 @@ from anomaly.cli.predict import pick_device
 from anomaly.cli.runtime import CONFIG_PATH, prepare_process, report_user_errors
 from anomaly.data.check import check_samples, problem_report
 from anomaly.data.dataset import ImageDataset
-from anomaly.data.samples import Sample, list_images_recursive
+from anomaly.data.samples import (
+    Sample,
+    SkippedFile,
+    describe_skipped,
+    list_images_recursive,
+    no_images_error,
+)
 from anomaly.errors import ConfigError, DataError
-from anomaly.methods.base import FitOnceModel
+from anomaly.methods.base import FitOnceModel, check_finite
 from anomaly.model_io import load_model, save_model
 
 log = logging.getLogger(__name__)
@@ -49,9 +55,14 @@ def update(cfg: DictConfig) -> Path:
             f"{output} exists: anomaly-update never overwrites a model file; pass output=<new file>"
         )
 
-    samples = [Sample(path, 0, None, "good") for path in list_images_recursive(Path(cfg.input))]
-    if not samples:
-        raise DataError(f"No images under input={cfg.input}: give a folder of newly approved good parts.")
+    skipped: list[SkippedFile] = []
+    paths = list_images_recursive(Path(cfg.input), skipped=skipped)
+    if not paths:
+        fix = "Give a folder of newly approved good parts (input=)."
+        raise no_images_error(Path(cfg.input), skipped, fix)
+    if skipped:
+        log.warning("%s", describe_skipped(skipped))
+    samples = [Sample(path, 0, None, "good") for path in paths]
     if problems := check_samples(samples, description="Checking the new images"):
         raise DataError(
             problem_report(problems, str(cfg.input), len(samples)) + "\nFix or remove these files."
@@ -63,7 +74,10 @@ def update(cfg: DictConfig) -> Path:
         return (batch["image"].to(device) for batch in loader)
 
     with torch.no_grad():
-        outputs = [loaded.model(images) for images in batches()]  # before the update: held-out scores
+        outputs = []
+        for batch in loader:  # before the update: held-out scores
+            outputs.append(loaded.model(batch["image"].to(device)))
+            check_finite(outputs[-1], batch["path"])
         scores = torch.cat([output.image_score for output in outputs]).cpu()
         maxima = torch.cat([output.anomaly_map.amax(dim=(1, 2, 3)) for output in outputs]).cpu()
         del outputs
@@ -82,12 +96,14 @@ def update(cfg: DictConfig) -> Path:
         "parent": str(model_file.resolve()),
         "parent_sha256": hashlib.sha256(model_file.read_bytes()).hexdigest(),
         "added_images": len(samples),
+        "not_used": [f"{file.path} ({file.reason})" for file in skipped],
         "input": str(Path(cfg.input).resolve()),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     save_model(loaded.model, loaded.method, loaded.config, loaded.preprocessing, output, calibration,
                lineage=[*loaded.lineage, lineage], tiling=loaded.tiling)  # fmt: skip
-    print(f"\nAdded {len(samples)} good images to {model_file}\n  wrote {output}", flush=True)
+    not_used = f"\n  {describe_skipped(skipped)}" if skipped else ""
+    print(f"\nAdded {len(samples)} good images to {model_file}{not_used}\n  wrote {output}", flush=True)
     if calibration is not None:
         rate, confidence = 100 * calibration.guaranteed_rate, 100 * calibration.confidence
         print(f"  threshold {calibration.threshold:.6g} from {calibration.num_images} normal images: at most "

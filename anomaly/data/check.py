@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from anomaly.data.decode import read_mask
+from anomaly.data.decode import MultiPageImageError, oriented_size, read_mask, refuse_multi_page
 from anomaly.data.samples import Sample
 from anomaly.errors import DataError
 
@@ -24,6 +24,10 @@ PROBLEM_KINDS = {  # kind -> (what it is, the fix)
         "restore the file (or the link's target) or delete it",
     ),
     "unreadable_image": ("unreadable image", "replace the file with a valid image or delete it"),
+    "multi_page": (
+        "image of several pages or frames (one image per file is read)",
+        "save each page as a file of its own, or keep only the page you mean",
+    ),
     "missing_mask": (
         "defective image without its mask",
         "add the mask (<stem>_mask.png beside the others) or move the image out of the test set",
@@ -66,6 +70,8 @@ def check_sample(sample: Sample) -> list[Problem]:
         ]
     try:
         size = image_size_if_readable(path)
+    except MultiPageImageError as error:
+        return [Problem("multi_page", sample, _short(error, path))]
     except Exception as error:  # PIL raises many types for damaged files; each one means "unreadable"
         return [Problem("unreadable_image", sample, _short(error, path))]
     if sample.label == 0 or sample.mask_path is None:
@@ -76,6 +82,7 @@ def check_sample(sample: Sample) -> list[Problem]:
         mask = read_mask(sample.mask_path, path, size)
     except DataError as error:
         kind = "mask_size" if "size" in str(error) else "unreadable_mask"
+        kind = "multi_page" if isinstance(error, MultiPageImageError) else kind
         return [Problem(kind, sample, str(error))]
     if not mask.any():
         return [Problem("empty_mask", sample, f"{sample.mask_path} is all zero")]
@@ -83,19 +90,22 @@ def check_sample(sample: Sample) -> list[Problem]:
 
 
 def image_size_if_readable(path: Path) -> tuple[int, int]:
-    """``(width, height)`` after a cheap integrity check; raises on a damaged file."""
+    """``(width, height)`` as the run reads the image (EXIF orientation applied), after a cheap integrity
+    check; raises on a damaged file or one of several pages."""
     if path.stat().st_size == 0:
         raise ValueError("empty file (0 bytes)")
     with Image.open(path) as image:
-        size = image.size
-        if image.format == "PNG":
+        refuse_multi_page(image, path)
+        size, oriented, kind = image.size, oriented_size(image), image.format
+    with Image.open(path) as image:  # again: PIL's verify must come straight after opening
+        if kind == "PNG":
             image.verify()  # every chunk's CRC up to IEND
-        elif image.format == "JPEG":
+        elif kind == "JPEG":
             image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
             image.load()  # the whole entropy-coded stream, at 1/8 of the pixels
         else:
             image.load()
-    return size
+    return oriented
 
 
 def _short(error: Exception, path: Path) -> str:

@@ -1,6 +1,7 @@
 """The one image dataset: samples read, transformed and returned as dicts (train, test, predict, generic
 image folders alike)."""
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -10,8 +11,16 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
 from anomaly.data.decode import read_image, read_mask
-from anomaly.data.samples import Sample, list_images_recursive
+from anomaly.data.samples import (
+    Sample,
+    SkippedFile,
+    describe_skipped,
+    list_images_recursive,
+    no_images_error,
+)
 from anomaly.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
@@ -67,9 +76,12 @@ def _plain(value):
 
 def image_folder(folder: str | Path, transform: Callable) -> ImageDataset:
     """Every image under ``folder`` (recursively) through ``transform``, without masks."""
-    paths = list_images_recursive(Path(folder))
+    skipped: list[SkippedFile] = []
+    paths = list_images_recursive(Path(folder), skipped=skipped)
     if not paths:
-        raise DataError(f"No images under {folder}: pass a folder of images.")
+        raise no_images_error(Path(folder), skipped, "Pass a folder of images.")
+    if skipped:
+        log.warning("%s: %s", folder, describe_skipped(skipped))
     return ImageDataset([Sample(path, 0, None, "image") for path in paths], transform, with_masks=False)
 
 

@@ -5,7 +5,9 @@ PNG and JPEG go through torchcodec when it is installed and its FFmpeg libraries
 through PIL. Both paths give identical pixels (tested on the same files): the EXIF orientation is
 applied, alpha is dropped, grey is replicated to RGB, and 16-bit images are scaled to 8 bits by their
 high byte (``v >> 8``, PIL's own rule for 16-bit RGB) instead of being clipped. 16-bit PNGs always go
-through PIL for that reason.
+through PIL for that reason, and so do animated PNGs, which are refused like every file of several
+pages or frames (a multi-page TIFF): which page is the image is the user's choice, never made in silence.
+A mask gets its EXIF orientation applied as its image does, and the data check compares sizes after it.
 """
 
 import functools
@@ -44,14 +46,21 @@ def torchcodec_decoder():
     return decode_image
 
 
+class MultiPageImageError(DataError):
+    """A file with several pages or frames (multi-page TIFF, animated PNG/WebP): one of them is not the
+    image, so none is picked in silence."""
+
+
 def read_image(path: Path | str) -> Tensor:
     """Reads an image as a ``[3, H, W]`` uint8 RGB tensor."""
     path = Path(path)
     decoder = torchcodec_decoder()
     try:
-        if decoder is not None and path.suffix.lower() in TORCHCODEC_EXTENSIONS and not _is_16_bit_png(path):
+        if decoder is not None and path.suffix.lower() in TORCHCODEC_EXTENSIONS and not _png_needs_pil(path):
             return decoder(str(path), mode="RGB")
         return read_with_pil(path)
+    except DataError:
+        raise
     except (OSError, UnidentifiedImageError, ValueError, RuntimeError, Image.DecompressionBombError) as error:
         raise DataError(
             f"Cannot read image {path}: {error}. Replace the file with a valid image or delete it."
@@ -61,7 +70,8 @@ def read_image(path: Path | str) -> Tensor:
 def read_with_pil(path: Path) -> Tensor:
     """PIL's decoding with the conventions above: ``[3, H, W]`` uint8 RGB."""
     with Image.open(path) as image:
-        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        refuse_multi_page(image, path)
+        if _orientation(image) != 1:
             image = ImageOps.exif_transpose(image)
         if image.mode in _SIXTEEN_BIT_MODES:
             values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
@@ -69,11 +79,44 @@ def read_with_pil(path: Path) -> Tensor:
         return pil_to_tensor(image.convert("RGB"))
 
 
-def _is_16_bit_png(path: Path) -> bool:
-    """From the PNG header (signature, IHDR length and type, width, height, then the bit depth)."""
+def refuse_multi_page(image: Image.Image, path: Path) -> None:
+    """Raises :class:`MultiPageImageError` for a file of several pages or frames."""
+    pages = getattr(image, "n_frames", 1)
+    if pages > 1:
+        raise MultiPageImageError(
+            f"{path} holds {pages} pages or frames; anomaly reads one image per file and does not pick one "
+            "in silence. Save each page as a file of its own (e.g. ImageMagick: convert in.tif page-%d.png) "
+            "or export the page you mean."
+        )
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` after the EXIF orientation (what :func:`read_image` returns): orientations 5-8
+    turn the image by 90°."""
+    width, height = image.size
+    return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)
+
+
+def _orientation(image: Image.Image) -> int:
+    return image.getexif().get(ExifTags.Base.Orientation, 1)
+
+
+def _png_needs_pil(path: Path) -> bool:
+    """A PNG that torchcodec would decode differently: 16 bits per sample (IHDR's bit depth) or animated
+    (an ``acTL`` chunk before the first ``IDAT``: torchcodec would return frame 1 alone)."""
     with path.open("rb") as handle:
         header = handle.read(25)
-    return len(header) == 25 and header.startswith(_PNG_SIGNATURE) and header[24] == 16
+        if len(header) < 25 or not header.startswith(_PNG_SIGNATURE):
+            return False
+        if header[24] == 16:
+            return True
+        handle.seek(8 + 8 + 13 + 4)  # signature, IHDR's length, type, data and CRC
+        while len(chunk := handle.read(8)) == 8:
+            length, kind = int.from_bytes(chunk[:4], "big"), chunk[4:]
+            if kind in (b"acTL", b"IDAT"):
+                return kind == b"acTL"
+            handle.seek(length + 4, io.SEEK_CUR)
+    return False
 
 
 def read_mask(path: Path, image_path: Path, image_size: tuple[int, int]) -> Tensor:
@@ -89,7 +132,8 @@ def read_mask(path: Path, image_path: Path, image_size: tuple[int, int]) -> Tens
     for file in files:
         try:
             with Image.open(file) as mask:
-                defect = _defect_pixels(mask)
+                refuse_multi_page(mask, file)
+                defect = _defect_pixels(ImageOps.exif_transpose(mask) if _orientation(mask) != 1 else mask)
         except (OSError, UnidentifiedImageError, ValueError) as error:
             raise DataError(
                 f"Cannot read mask {file} (for {image_path}): {error}. Replace or delete it."

@@ -13,8 +13,14 @@ from pathlib import Path
 import torch
 
 from anomaly.data.datamodule import AnomalyDataModule, Splits
-from anomaly.data.samples import Sample, SkippedFile, find_mask, list_images, require_dir
-from anomaly.errors import DataError
+from anomaly.data.samples import (
+    Sample,
+    SkippedFile,
+    find_mask,
+    list_images,
+    no_images_error,
+    require_dir,
+)
 
 LAYOUT_HINT = "Expected <root>/good with normal images (see README, 'Your data')."
 
@@ -43,6 +49,7 @@ class Folder(AnomalyDataModule):
         return self.root.name
 
     def load_samples(self) -> Splits:
+        require_dir(self.root, "dataset.root", LAYOUT_HINT)
         normal_dir = require_dir(self.root / self.normal_dir, "Folder of normal images", LAYOUT_HINT)
         normal = list_images(normal_dir, self.skipped)
         if self.normal_test_dir is None:
@@ -52,7 +59,7 @@ class Folder(AnomalyDataModule):
             test_dir = require_dir(self.root / self.normal_test_dir, "Normal test folder", LAYOUT_HINT)
             test_good = list_images(test_dir, self.skipped)
         if not train_paths:
-            raise DataError(f"No training images in {normal_dir}. {LAYOUT_HINT}")
+            raise no_images_error(normal_dir, self.skipped, LAYOUT_HINT)
         train = [Sample(p, 0, None, "good") for p in train_paths]
         test = [Sample(p, 0, None, "good") for p in test_good] + self._defective()
         return Splits(train, test)

@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anomaly.data.datamodule import CategoryDataModule, Splits
-from anomaly.data.samples import Sample, SkippedFile, find_mask, list_images, require_dir
+from anomaly.data.samples import (
+    Sample,
+    SkippedFile,
+    find_mask,
+    list_images,
+    no_images_error,
+    require_dir,
+)
 from anomaly.errors import DataError
 
 MVTEC_CATEGORIES = (
@@ -48,7 +55,8 @@ def layout_samples(
     A defective image's mask path is set even when the file is missing: the data check reports it.
     """
     if not root.is_dir():
-        raise DataError(f"Data root {root} does not exist. {layout.hint}")
+        what = "is a file, not the data set's folder" if root.exists() else "does not exist"
+        raise DataError(f"Data root {root} {what}: set dataset.root to the data set's folder. {layout.hint}")
     category_dir = root / category
     if not category_dir.is_dir():
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -56,7 +64,7 @@ def layout_samples(
                         f"{', '.join(found) or 'nothing'}). {layout.hint}")  # fmt: skip
     train = _normal_samples(category_dir / layout.train, "Training images", layout, skipped)
     if not train:
-        raise DataError(f"No training images in {category_dir / layout.train}. {layout.hint}")
+        raise no_images_error(category_dir / layout.train, skipped or [], layout.hint)
     validation = []
     if layout.validation is not None:
         validation = _normal_samples(category_dir / layout.validation, "Validation images", layout, skipped)

@@ -25,13 +25,15 @@ class SkippedFile:
     reason: str
 
 
-def list_images(folder: Path, skipped: list[SkippedFile] | None = None) -> list[Path]:
+def list_images(
+    folder: Path, skipped: list[SkippedFile] | None = None, sub_folders: str = "folder"
+) -> list[Path]:
     """Image files of ``folder``, sorted (deterministic). Everything else is appended to ``skipped``:
-    hidden files, other extensions, sub-folders. A broken link with an image name is listed, so that
-    the data check reports it instead of it vanishing from the counts."""
+    hidden files, other extensions, sub-folders (with the reason ``sub_folders``). A broken link with an
+    image name is listed, so that the data check reports it instead of it vanishing from the counts."""
     images = []
-    for path in sorted(folder.iterdir()):
-        reason = _not_an_image(path)
+    for path in _entries(folder):
+        reason = sub_folders if path.is_dir() and not path.name.startswith(".") else _not_an_image(path)
         if reason is None:
             images.append(path)
         elif skipped is not None:
@@ -39,19 +41,50 @@ def list_images(folder: Path, skipped: list[SkippedFile] | None = None) -> list[
     return images
 
 
-def list_images_recursive(folder: Path, excluded_folders: tuple[str, ...] = ()) -> list[Path]:
+def list_images_recursive(
+    folder: Path, excluded_folders: tuple[str, ...] = (), skipped: list[SkippedFile] | None = None
+) -> list[Path]:
     """Image files anywhere under ``folder`` (sorted), except hidden ones and those below a sub-folder
-    named in ``excluded_folders``: a folder of generic images (penalty images, distillation, samples)."""
+    named in ``excluded_folders`` (a folder of generic images: penalty images, distillation, samples).
+    What is not used goes to ``skipped``, by the same rules as :func:`list_images`."""
     if not folder.is_dir():
-        raise DataError(f"Image folder {folder} does not exist: pass a folder of images.")
-    return sorted(
-        path
-        for path in folder.rglob("*")
-        if _not_an_image(path) is None
-        and not any(
-            part.startswith(".") or part in excluded_folders for part in path.relative_to(folder).parts
-        )
-    )
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise DataError(f"Image folder {folder} {what}: pass a folder of images.")
+    images = []
+    for path in _entries(folder):
+        if path.is_dir() and not path.name.startswith(".") and path.name not in excluded_folders:
+            images += list_images_recursive(path, excluded_folders, skipped)
+            continue
+        reason = _not_an_image(path)
+        if path.is_dir():
+            reason = "excluded folder" if path.name in excluded_folders else "hidden folder"
+        if reason is None:
+            images.append(path)
+        elif skipped is not None:
+            skipped.append(SkippedFile(path, reason))
+    return images
+
+
+def describe_skipped(skipped: list[SkippedFile], shown: int = 5) -> str:
+    """``N file(s) not used: <path> (<reason>), ... and M more``: the one wording every command uses."""
+    listed = ", ".join(f"{f.path} ({f.reason})" for f in skipped[:shown])
+    more = f" and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return f"{len(skipped)} file(s) not used: {listed}{more}"
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The folder's entries, sorted; a folder that cannot be listed is a DataError naming it."""
+    try:
+        return sorted(folder.iterdir())
+    except PermissionError:
+        raise DataError(
+            f"Cannot list folder {folder}: permission denied. Give this user read and execute permission "
+            f"on it (chmod u+rx '{folder}') or run as a user who has it."
+        ) from None
+    except NotADirectoryError:
+        raise DataError(f"{folder} is a file, not a folder: pass the folder that holds the images.") from None
+    except OSError as error:
+        raise DataError(f"Cannot list folder {folder}: {error.strerror or error}.") from None
 
 
 def _not_an_image(path: Path) -> str | None:
@@ -74,6 +107,15 @@ def find_mask(masks: dict[str, Path], image_path: Path) -> Path | None:
 
 def require_dir(path: Path, what: str, fix: str) -> Path:
     """Returns ``path`` if it is a folder, else raises a DataError naming it and the fix."""
+    if path.is_file():
+        raise DataError(f"{what}: {path} is a file, but a folder is expected there. {fix}")
     if not path.is_dir():
         raise DataError(f"{what} not found: expected folder {path}. {fix}")
     return path
+
+
+def no_images_error(folder: Path, skipped: list[SkippedFile], fix: str) -> DataError:
+    """ "No images in ``folder``", with what was there and not used (unsupported formats, sub-folders)."""
+    here = [f for f in skipped if f.path.parent == folder]
+    found = f" It holds {describe_skipped(here)}." if here else " It is empty."
+    return DataError(f"No images in {folder}.{found} {fix}")

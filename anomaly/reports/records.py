@@ -7,6 +7,7 @@ records and nothing else of a run dir: no config parsing, no ``_target_`` string
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from uuid import uuid4
 
 RECORD_FILE = "run.json"
 
@@ -27,6 +28,8 @@ class RunRecord:
     sample_images: list[str] = field(default_factory=list)  # test images of the heatmaps (export's parity)
     calibration: dict | None = None  # the thresholds and their guarantees (Calibration.summary())
     wandb: dict | None = None  # the run's wandb logger settings (project, offline) for the sweep's summary
+    # the run's own id, its key in the results database (a run dir can hold a later run: force=true)
+    run_id: str = field(default_factory=lambda: uuid4().hex)
 
     def write(self, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)

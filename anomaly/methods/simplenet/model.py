@@ -6,6 +6,8 @@ adding Gaussian noise to the adapted normal ones, and a small discriminator lear
 features high and noised ones low. A test patch's anomaly score is the negated discriminator output.
 """
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -42,11 +44,13 @@ class SimpleNet(TrainedModel):
         blur_sigma: float = 4.0,
     ) -> None:
         super().__init__()
-        if discriminator_hidden < 1 or noise_std <= 0 or margin <= 0:
+        if not (discriminator_hidden >= 1 and 0 < noise_std < math.inf and 0 < margin < math.inf):
             raise ConfigError(
-                "discriminator_hidden, noise_std and margin must be positive, got "
+                "discriminator_hidden, noise_std and margin must be positive and finite, got "
                 f"{discriminator_hidden}, {noise_std}, {margin}"
             )
+        if not 0 <= blur_sigma < math.inf:
+            raise ConfigError(f"blur_sigma must be finite and >= 0 (0: no blur), got {blur_sigma}")
         self.features = features
         self.noise_std = noise_std
         self.margin = margin
