@@ -6,12 +6,14 @@ bad model file: :class:`anomaly.errors.UserError`) prints as one short block and
 ``HYDRA_FULL_ERROR=1`` shows the traceback instead. Any other exception is a bug and keeps its traceback.
 """
 
+import errno
 import importlib.resources
 import logging
 import os
 import sys
 import warnings
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -20,10 +22,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from anomaly import distributed
 from anomaly.allocator import keep_freed_memory_for_reuse
-from anomaly.errors import UserError
+from anomaly.errors import FileSystemError, UserError
 
 log = logging.getLogger(__name__)
+_ELSEWHERE = "or write the outputs elsewhere (hydra.run.dir=<folder>, paths.output_root=<folder>)"
+FILE_SYSTEM_FIXES = {  # errno -> the fix; other OS errors are bugs or hardware and keep their traceback
+    errno.EACCES: f"Give this user permission on it (read for inputs, write for outputs), {_ELSEWHERE}.",
+    errno.EPERM: f"Give this user permission on it, {_ELSEWHERE}.",
+    errno.EROFS: f"That file system is read-only: {_ELSEWHERE}.",
+    errno.ENOSPC: f"The disk is full: free space there, {_ELSEWHERE}.",
+    errno.EDQUOT: f"The disk quota is exhausted: free space there, {_ELSEWHERE}.",
+}
 CONFIG_PATH = "pkg://anomaly.configs"  # the configs/ folder, shipped in the package (setup.py)
 T = TypeVar("T")
 
@@ -51,10 +62,18 @@ def data_name(cfg: DictConfig) -> str:
     return HydraConfig.get().runtime.choices.get("dataset", "data") if HydraConfig.initialized() else "data"
 
 
+def run_stamp() -> str:
+    """``${run_stamp:}``: the start time to the microsecond and the process id, the default run and sweep
+    folder names: sorted by time, and never the same folder for two runs started in the same second."""
+    return f"{datetime.now():%Y-%m-%d_%H-%M-%S-%f}_{os.getpid()}"
+
+
 def register_resolvers() -> None:
     """The config resolvers the shipped configs use."""
     OmegaConf.register_new_resolver("sweep_id", sweep_id, replace=True)
     OmegaConf.register_new_resolver("data_name", lambda *, _root_: data_name(_root_), replace=True)
+    # cached: the run dir and the sweep dir are resolved more than once, and must stay one folder
+    OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
 
 
 def prepare_process(reuse_freed_memory: bool = True, num_threads: int | None = None) -> None:
@@ -98,14 +117,23 @@ def set_cpu_threads(num_threads: int | None) -> None:
 
 
 def user_error(error: BaseException) -> UserError | None:
-    """The user error behind ``error`` (through Hydra's instantiation and chained exceptions), if any."""
+    """The user error behind ``error`` (through Hydra's instantiation and chained exceptions), if any: an
+    :class:`UserError`, or a file-system error the user fixes (permission, read-only, full disk)."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, UserError):
             return error
+        if isinstance(error, OSError) and error.errno in FILE_SYSTEM_FIXES:
+            return FileSystemError(file_system_message(error))
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def file_system_message(error: OSError) -> str:
+    """What failed on which file, and the fix for that errno."""
+    where = f" {error.filename}" if error.filename else ""
+    return f"Cannot use{where}: {error.strerror or error}. {FILE_SYSTEM_FIXES[error.errno]}"
 
 
 def user_message(error: UserError) -> str:
@@ -117,12 +145,23 @@ def user_message(error: UserError) -> str:
 
 
 def report_user_errors(job: Callable[[], T]) -> T:
-    """Runs ``job``; a user error becomes one block on stderr and exit status 1."""
+    """Runs ``job``; a user error becomes one block on stderr and exit status 1. In a distributed run rank 0
+    prints it and the other ranks end quietly (every rank meets the same error, or sees rank 0 go)."""
     try:
         return job()
     except Exception as error:
         found = user_error(error)
+        if not distributed.is_launching_process() and (found is not None or _peer_ended(error)):
+            sys.exit(1)
         if found is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"\nError: {user_message(found)}\n", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def _peer_ended(error: BaseException) -> bool:
+    """A collective that failed because another process of the run ended (it reports its own error)."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        sign in text for sign in ("connection closed by peer", "connection reset", "broken pipe")
+    )

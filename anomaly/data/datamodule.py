@@ -8,25 +8,31 @@ before any work, the counts logged, a normal-only validation split carved from t
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
+from anomaly import distributed
 from anomaly.allocator import release_freed_memory
 from anomaly.data.check import Problem, check_samples, problem_report
 from anomaly.data.dataset import ImageDataset
 from anomaly.data.preprocessing import Preprocessing
-from anomaly.data.samples import Sample, SkippedFile, list_images_recursive
+from anomaly.data.samples import (
+    Sample,
+    SkippedFile,
+    describe_skipped,
+    list_images_recursive,
+    no_images_error,
+)
 from anomaly.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 BAD_FILE_POLICIES = ("error", "skip")
-SHOWN_SKIPPED = 5
 
 
 class Splits(NamedTuple):
@@ -51,13 +57,50 @@ class TrimmedForkDataLoader(DataLoader):
         return super().__iter__()
 
 
+class ShardSampler(Sampler[int]):
+    """This process's share of a data set's indices (all of them with one process).
+
+    In order (scoring, and fitting fit-once methods): a contiguous block, so that over all ranks every
+    image comes exactly once, and the blocks concatenated in rank order are the data set's order (blocks
+    differ in size by at most one). Shuffled (training by gradient steps on several processes): a seeded
+    permutation per epoch and an equal share of it per rank, the last ``n % ranks`` dropped (as
+    ``DistributedSampler(drop_last=True)``), so that every rank takes the same number of steps.
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int) -> None:
+        self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, 0
+        self.rank, self.ranks = distributed.rank(), distributed.world_size()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning before every epoch: a new permutation each epoch."""
+        self.epoch = epoch
+
+    def indices(self) -> list[int]:
+        if not self.shuffle:
+            return list(distributed.block_range(self.size, self.ranks, self.rank))
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        share = self.size // self.ranks
+        return order[self.rank * share : (self.rank + 1) * share].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        return len(self.indices())
+
+
 class AnomalyDataModule(pl.LightningDataModule):
     """Base data module; subclasses implement :meth:`load_samples` and :attr:`name`.
 
     ``val_fraction`` moves that share of the (normal) training images into a validation split used
     for calibration only; the test set is never used to fit anything. ``on_bad_file``: ``"error"``
     stops before any work when a file fails the data check (all problems listed); ``"skip"`` leaves
-    those samples out and lists them (:attr:`bad_files`, and the run's metrics.json).
+    those samples out and lists them (:attr:`bad_files`, and the run's run.json). ``train_in_order``:
+    training images in data-set order instead of shuffled (fit-once methods, whose fit must not depend
+    on how many processes share it).
+
+    On several processes (``trainer=ddp``) every loader holds this rank's share (:class:`ShardSampler`);
+    the sample lists stay whole on every rank.
     """
 
     def __init__(
@@ -70,6 +113,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         seed: int = 0,
         on_bad_file: str = "error",
         calibration_dir: str | None = None,
+        train_in_order: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -88,6 +132,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.seed = seed
         self.on_bad_file = on_bad_file
         self.calibration_dir = Path(calibration_dir).expanduser() if calibration_dir else None
+        self.train_in_order = train_in_order
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []  # held-out normal images: the validation split or calibration_dir
         self.test_samples: list[Sample] = []
@@ -120,7 +165,7 @@ class AnomalyDataModule(pl.LightningDataModule):
             raise DataError(
                 problem_report(problems, self.name, len(train) + len(test))
                 + "\nFix these files, or pass dataset.on_bad_file=skip to leave them out (they are then "
-                "listed in the run's metrics.json)."
+                "listed in the run's run.json)."
             )
         if problems:
             log.warning("%s\nLeaving these samples out (dataset.on_bad_file=skip).",
@@ -155,9 +200,11 @@ class AnomalyDataModule(pl.LightningDataModule):
         """The normal images of ``calibration_dir`` (anywhere below it), none without one."""
         if self.calibration_dir is None:
             return []
-        paths = list_images_recursive(self.calibration_dir)
+        skipped: list[SkippedFile] = []
+        paths = list_images_recursive(self.calibration_dir, skipped=skipped)
+        self.skipped += skipped
         if not paths:
-            raise DataError(f"dataset.calibration_dir={self.calibration_dir} holds no images.")
+            raise no_images_error(self.calibration_dir, skipped, "Check dataset.calibration_dir.")
         return [Sample(path, 0, None, "good") for path in paths]
 
     def summary(self) -> str:
@@ -173,11 +220,7 @@ class AnomalyDataModule(pl.LightningDataModule):
             )
         ]
         if self.skipped:
-            shown = ", ".join(f"{f.path} ({f.reason})" for f in self.skipped[:SHOWN_SKIPPED])
-            more = (
-                f" and {len(self.skipped) - SHOWN_SKIPPED} more" if len(self.skipped) > SHOWN_SKIPPED else ""
-            )
-            lines.append(f"  not used: {len(self.skipped)} file(s): {shown}{more}")
+            lines.append(f"  {describe_skipped(self.skipped)}")
         return "\n".join(lines)
 
     def has_pixel_ground_truth(self) -> bool:
@@ -186,11 +229,16 @@ class AnomalyDataModule(pl.LightningDataModule):
         return bool(defective) and all(s.mask_path is not None for s in defective)
 
     def _loader(self, samples: list[Sample], shuffle: bool) -> DataLoader:
+        """Batches of ``samples``: shuffled by the seeded generator on one process, else this rank's share."""
         generator = torch.Generator().manual_seed(self.seed)
+        sampler = None
+        if distributed.is_distributed() or not shuffle:
+            sampler, shuffle = ShardSampler(len(samples), shuffle, self.seed), False
         return TrimmedForkDataLoader(
             ImageDataset(samples, self.transform),
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
@@ -198,7 +246,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_samples, shuffle=True)
+        return self._loader(self.train_samples, shuffle=not self.train_in_order)
 
     def fold_dataloaders(self, folds: int) -> list[DataLoader]:
         """The training images in ``folds`` seeded, disjoint folds of (almost) equal size, a loader each."""

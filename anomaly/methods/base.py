@@ -22,6 +22,8 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from anomaly.errors import DataError
+
 
 class AnomalyOutput(NamedTuple):
     """What every method returns in eval mode (a NamedTuple so that export sees plain tensors)."""
@@ -106,6 +108,27 @@ class TrainedModel(AnomalyModel):
 
     def finalize(self, batches: Iterable[Tensor]) -> None:
         """After the last step: what scoring needs from held-out normal images (never test images)."""
+
+
+def non_finite_paths(output: AnomalyOutput, paths: Sequence[str]) -> list[str]:
+    """The images of a batch (``paths[i]`` is image i of ``output``) with a NaN or infinite score or map."""
+    finite = torch.isfinite(output.image_score) & torch.isfinite(output.anomaly_map).flatten(1).all(dim=1)
+    return [str(paths[i]) for i in (~finite).nonzero().flatten().tolist()]
+
+
+def non_finite_error(paths: Sequence[str]) -> DataError:
+    """A NaN or infinite score is never a decision: the error that names the images that scored so."""
+    return DataError(
+        f"The model scored {len(paths)} image(s) as NaN or infinity, which is no decision: "
+        f"{', '.join(paths[:5])}{' ...' if len(paths) > 5 else ''}. Check these files (decodable, not "
+        "blank) and the model file (re-run anomaly-train if it was edited or damaged)."
+    )
+
+
+def check_finite(output: AnomalyOutput, paths: Sequence[str]) -> None:
+    """Raises :func:`non_finite_error` if any image of the batch scored NaN or infinity."""
+    if bad := non_finite_paths(output, paths):
+        raise non_finite_error(bad)
 
 
 def register_fitted_buffer(module: nn.Module, name: str) -> None:

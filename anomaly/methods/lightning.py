@@ -10,8 +10,30 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from anomaly.methods.base import AnomalyModel, FitOnceModel, TrainedModel
+from anomaly import distributed
+from anomaly.methods.base import (
+    AnomalyModel,
+    FitOnceModel,
+    TrainedModel,
+    non_finite_error,
+    non_finite_paths,
+)
 from anomaly.metrics import Evaluator
+from anomaly.metrics.evaluator import DEFAULT_EXACT_PIXEL_LIMIT
+from anomaly.metrics.histogram import DEFAULT_BINS
+
+
+class DDPStrategy(pl.strategies.DDPStrategy):
+    """Lightning's DDP, except that a module with no trainable parameter is not wrapped.
+
+    Fit-once methods (PaDiM, PatchCore) take no gradient: they need the processes, the process group and
+    the data shards, not gradient synchronisation, and torch's ``DistributedDataParallel`` refuses a
+    module without trainable parameters. Trained methods are wrapped as usual.
+    """
+
+    def configure_ddp(self) -> None:
+        if any(parameter.requires_grad for parameter in self.model.parameters()):
+            super().configure_ddp()
 
 
 class AnomalyModule(pl.LightningModule):
@@ -19,7 +41,8 @@ class AnomalyModule(pl.LightningModule):
 
     Before testing, the entry point sets :attr:`threshold` and :attr:`pixel_threshold` (calibrated on
     normal images, or None), :attr:`example_ids` (test-set positions kept for heatmaps),
-    :attr:`pixel_metrics` and :attr:`aupro_fpr_limit`.
+    :attr:`pixel_metrics`, :attr:`aupro_fpr_limit` and the evaluator's :attr:`exact_pixel_limit` and
+    :attr:`histogram_bins`.
     """
 
     def __init__(self, model: AnomalyModel, num_examples: int = 8) -> None:
@@ -29,27 +52,40 @@ class AnomalyModule(pl.LightningModule):
         self.threshold: float | None = None
         self.pixel_threshold: float | None = None
         self.aupro_fpr_limit = 0.3
+        self.exact_pixel_limit = DEFAULT_EXACT_PIXEL_LIMIT  # pixel metrics binned above (Evaluator)
+        self.histogram_bins = DEFAULT_BINS
         self.example_ids: set[int] = set()
         self.pixel_metrics = True
         self.test_metrics: dict[str, float] = {}
         self.examples: list[dict] = []
         self._evaluator: Evaluator | None = None
         self._seen = 0
+        self._non_finite: list[str] = []  # test images that scored NaN or infinity
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        """Image scores ``[B]`` and each map's maximum ``[B]``, on the CPU (what calibration needs)."""
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Image scores ``[B]`` and each map's maximum ``[B]``, on the CPU (what calibration needs), and the
+        images that scored NaN or infinity (the caller raises for them once every rank has finished)."""
         output = self.model(batch["image"])
         return {
             "image_score": output.image_score.float().cpu(),
             "map_max": output.anomaly_map.amax(dim=(1, 2, 3)).float().cpu(),
+            "non_finite": non_finite_paths(output, batch["path"]),
         }
 
     def on_test_start(self) -> None:
-        self._evaluator = Evaluator(self.pixel_metrics, self.aupro_fpr_limit)
-        self.examples, self._seen = [], 0
+        self._evaluator = Evaluator(
+            self.pixel_metrics, self.aupro_fpr_limit, self.exact_pixel_limit, self.histogram_bins
+        )
+        self.examples, self._seen, self._non_finite = [], 0, []
+        if distributed.is_distributed():  # this rank scores its block of the test set
+            total = len(self.trainer.datamodule.test_samples)
+            self._seen = distributed.block_range(total, distributed.world_size(), distributed.rank()).start
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         output = self.model(batch["image"])
+        if bad := non_finite_paths(output, batch["path"]):  # raised at the end, on every rank at once
+            self._non_finite += bad
+            return
         self._evaluator.update(output.image_score, batch["label"], output.anomaly_map, batch["mask"])
         for i in range(len(output.image_score)):
             if self._seen + i in self.example_ids:
@@ -66,9 +102,13 @@ class AnomalyModule(pl.LightningModule):
         self._seen += len(output.image_score)
 
     def on_test_epoch_end(self) -> None:
-        self.test_metrics = self._evaluator.compute(self.threshold, self.pixel_threshold)
+        if non_finite := distributed.gather_objects(self._non_finite):
+            raise non_finite_error(non_finite)
+        self.test_metrics = self._evaluator.compute(self.threshold, self.pixel_threshold)  # over all ranks
         self._evaluator = None
-        self.log_dict({f"test/{k}": v for k, v in self.test_metrics.items()})
+        self.examples = distributed.gather_objects(self.examples)
+        # identical on every rank (computed over all of them): syncing averages equal values
+        self.log_dict({f"test/{k}": v for k, v in self.test_metrics.items()}, sync_dist=True)
 
 
 class FitOnceModule(AnomalyModule):

@@ -1,7 +1,9 @@
 """Per-channel mean and standard deviation of feature maps, accumulated batch by batch."""
 
+import torch
 from torch import Tensor
 
+from anomaly import distributed
 from anomaly.errors import DataError
 
 
@@ -9,7 +11,8 @@ class ChannelStatistics:
     """Mean and std ``[C]`` over every position of every ``[B, C, h, w]`` map given to :meth:`update`.
 
     One pass with float64 sums of x and x² (EfficientAD's teacher normalisation, the teacher
-    distillation's targets); the reference code's two passes give the same values.
+    distillation's targets); the reference code's two passes give the same values. With several
+    processes the sums are over all of them.
     """
 
     def __init__(self) -> None:
@@ -30,6 +33,14 @@ class ChannelStatistics:
         """float32 ``(mean [C], std [C])``; the population std, as the references."""
         if self.count == 0:
             raise DataError("channel statistics need images, got none (is the training split empty?)")
-        mean = self.total / self.count
-        std = (self.squares / self.count - mean.square()).clamp_min(0).sqrt()
+        total, squares, count = self.total, self.squares, self.count
+        if distributed.is_distributed():  # over every process's images
+            total, squares = (
+                distributed.all_reduce_sum(total.clone()),
+                distributed.all_reduce_sum(squares.clone()),
+            )
+            count = int(distributed.all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64,
+                                                                device=total.device)))  # fmt: skip
+        mean = total / count
+        std = (squares / count - mean.square()).clamp_min(0).sqrt()
         return mean.float(), std.float()

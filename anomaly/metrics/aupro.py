@@ -3,7 +3,8 @@
 Bergmann et al., "The MVTec Anomaly Detection Dataset" (IJCV 2021); official code
 ``pro_curve_util.compute_pro`` and ``generic_util.trapezoid``. Pixel AUROC comes from the same sort
 of all pixels (equal to torchmetrics' ``binary_auroc``, tested): sorting millions of pixels is most of
-either metric's cost, so the test set's pixels are sorted once, not twice.
+either metric's cost, so the test set's pixels are sorted once, not twice. Test sets too large to sort are
+binned instead (:mod:`anomaly.metrics.histogram`).
 """
 
 import numpy as np
@@ -37,7 +38,7 @@ def pixel_auroc_and_aupro(anomaly_maps: Tensor, masks: Tensor, fpr_limit: float 
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     scores, regions, num_regions = _flatten_and_label(anomaly_maps, masks)
     fpr, tpr, pro = _roc_and_pro_curves(scores, regions, num_regions)
-    return float(torch.trapezoid(tpr, fpr)), _area_up_to(fpr, pro, fpr_limit) / fpr_limit
+    return float(torch.trapezoid(tpr, fpr)), area_up_to(fpr, pro, fpr_limit) / fpr_limit
 
 
 def pixel_decisions(anomaly_maps: Tensor, masks: Tensor, threshold: float) -> dict[str, float]:
@@ -69,10 +70,17 @@ def _flatten_and_label(anomaly_maps: Tensor, masks: Tensor) -> tuple[Tensor, Ten
     scores = anomaly_maps.detach().to("cpu", torch.float32).reshape(-1)  # as the Evaluator stores maps
     if torch.isnan(scores).any():
         raise ValueError("anomaly maps contain NaN")
-    regions, num_regions = ndimage.label(masks.detach().cpu().bool().numpy(), _PER_IMAGE_8_CONNECTIVITY)
+    regions, num_regions = label_regions(masks)
     if num_regions == 0:
         raise ValueError("AUPRO needs at least one defect region, but every mask is empty")
-    return scores, torch.from_numpy(regions).reshape(-1), num_regions
+    return scores, regions, num_regions
+
+
+def label_regions(masks: Tensor) -> tuple[Tensor, int]:
+    """Region ids ``[N*H*W]`` (int32: 0 = defect-free, 1.. = the 8-connected components of each image's
+    mask) of masks ``[N, H, W]``, and the number of regions."""
+    regions, num_regions = ndimage.label(masks.detach().cpu().bool().numpy(), _PER_IMAGE_8_CONNECTIVITY)
+    return torch.from_numpy(regions).reshape(-1), num_regions
 
 
 def _roc_and_pro_curves(scores: Tensor, regions: Tensor, num_regions: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -119,7 +127,7 @@ def _sort_by_descending_score(scores: Tensor, regions: Tensor) -> tuple[Tensor, 
     return packed >> 32, packed & 0xFFFFFFFF
 
 
-def _area_up_to(x: Tensor, y: Tensor, x_max: float) -> float:
+def area_up_to(x: Tensor, y: Tensor, x_max: float) -> float:
     """Trapezoid area under y(x) on ``[x[0], x_max]`` for non-decreasing ``x`` with ``x[-1] >= x_max``.
 
     Like the official ``trapezoid(x, y, x_max)``: when ``x_max`` is not a curve point, y is

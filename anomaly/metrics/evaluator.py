@@ -1,34 +1,68 @@
-"""Test-set metrics: image AUROC and F1-max, pixel AUROC and AUPRO, accumulated batch by batch."""
+"""Test-set metrics: image AUROC and F1-max, pixel AUROC and AUPRO, accumulated batch by batch, all ranks."""
+
+import logging
 
 import torch
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc, binary_precision_recall_curve
 
+from anomaly import distributed
 from anomaly.calibration import metrics_at_threshold
 from anomaly.errors import ConfigError
 from anomaly.metrics.aupro import pixel_auroc_and_aupro, pixel_decisions
+from anomaly.metrics.histogram import DEFAULT_BINS, PixelHistogram
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXACT_PIXEL_LIMIT = 100_000_000
 
 
 class Evaluator:
     """Collects a test set batch by batch; :meth:`compute` gives all metrics at the end.
 
-    Maps are held as float32 on CPU and masks as bool, so a large test set is stored once, compactly.
-    Pixel metrics are computed only when ``compute_pixel_metrics`` is on and masks were given.
+    Image metrics are always exact. Pixel metrics are computed only when ``compute_pixel_metrics`` is on
+    and masks were given; they are exact while the test set has at most ``exact_pixel_limit`` map pixels
+    (100 M by default, ~1,500 maps of 256 x 256): maps are held as float32 on CPU and masks as bool, 5 bytes
+    a pixel, and sorting them at the end takes ~50 bytes a pixel more (~5 GB at the limit). Beyond it the
+    maps are counted into a :class:`~anomaly.metrics.histogram.PixelHistogram` of ``histogram_bins`` bins
+    instead (48 MB by default, and 4 bytes a defect region), and the pixel metrics come with a bound on
+    their error, ``pixel_auroc_max_error`` and ``pixel_aupro_max_error`` (:mod:`anomaly.metrics.histogram`).
+
+    With several processes (:mod:`anomaly.distributed`) each rank updates with its block of the test set
+    and :meth:`compute`, a collective, returns the metrics of the whole set on every rank, the same as one
+    process: the exact path gathers scores, maps and masks in rank order, the histogram path sums the
+    ranks' counts on one grid (AUPRO's float64 sums may then differ from one process's in the last bits).
     """
 
-    def __init__(self, compute_pixel_metrics: bool = True, aupro_fpr_limit: float = 0.3) -> None:
+    def __init__(
+        self,
+        compute_pixel_metrics: bool = True,
+        aupro_fpr_limit: float = 0.3,
+        exact_pixel_limit: int = DEFAULT_EXACT_PIXEL_LIMIT,
+        histogram_bins: int = DEFAULT_BINS,
+    ) -> None:
         if not 0 < aupro_fpr_limit <= 1:
             raise ConfigError(f"the AUPRO false-positive-rate limit must be in (0, 1], got {aupro_fpr_limit}")
+        if exact_pixel_limit < 0:
+            raise ConfigError(f"the exact pixel limit must be >= 0 (0: always bin), got {exact_pixel_limit}")
+        if histogram_bins < 2:
+            raise ConfigError(f"a pixel histogram needs at least 2 bins, got {histogram_bins}")
         self.compute_pixel_metrics = compute_pixel_metrics
         self.aupro_fpr_limit = aupro_fpr_limit
+        self.exact_pixel_limit = exact_pixel_limit
+        self.histogram_bins = histogram_bins
         self.reset()
 
     def reset(self) -> None:
         """Forgets every batch collected so far."""
         self._scores: list[Tensor] = []
         self._labels: list[Tensor] = []
-        self._maps: list[Tensor] = []
+        self._with_pixels: bool | None = None  # known from the first batch on
+        self._num_pixels = 0
+        self._map_maxima: list[Tensor] = []  # [B] per batch: has a good image any pixel above a threshold?
+        self._maps: list[Tensor] = []  # exact path: [B, 1, H, W] per batch
         self._masks: list[Tensor] = []
+        self._histogram: PixelHistogram | None = None  # instead of maps and masks beyond exact_pixel_limit
 
     def update(
         self,
@@ -49,49 +83,112 @@ class Evaluator:
                 f" and {tuple(labels.shape)}"
             )
         with_pixels = self.compute_pixel_metrics and masks is not None
-        if self._scores and with_pixels != bool(self._masks):
+        if self._with_pixels not in (None, with_pixels):
             raise ValueError("masks were given for some batches but not for others")
+        self._with_pixels = with_pixels
+        labels = labels.detach().to("cpu", torch.bool)
         if with_pixels:
             _check_pixel_batch(anomaly_maps, masks, len(image_scores))
-            self._maps.append(anomaly_maps.detach().to("cpu", torch.float32))
-            self._masks.append(masks.detach().to("cpu", torch.bool))
+            anomaly_maps = anomaly_maps.detach().to("cpu", torch.float32)
+            masks = masks.detach().to("cpu", torch.bool)
+            self._map_maxima.append(anomaly_maps.amax(dim=(1, 2, 3)))
+            self._num_pixels += anomaly_maps.numel()
+            if self._histogram is None:
+                self._maps.append(anomaly_maps)
+                self._masks.append(masks)
+            else:
+                self._histogram.add(anomaly_maps, masks, ~labels)
         self._scores.append(image_scores.detach().to("cpu", torch.float32))
-        self._labels.append(labels.detach().to("cpu", torch.bool))
+        self._labels.append(labels)
+        if self._histogram is None and self._num_pixels > self.exact_pixel_limit:
+            self._count_into_histogram()
+
+    def _count_into_histogram(self) -> None:
+        """Moves the maps and masks held so far into a histogram, which counts every later batch too."""
+        self._histogram, start = PixelHistogram(self.histogram_bins), 0
+        for anomaly_maps, masks in zip(self._maps, self._masks, strict=True):
+            good = ~_merge(self._labels)[start : start + len(anomaly_maps)]  # each map has its label
+            self._histogram.add(anomaly_maps, masks, good)
+            start += len(anomaly_maps)
+        self._maps, self._masks = [], []
 
     def compute(
         self, threshold: float | None = None, pixel_threshold: float | None = None
     ) -> dict[str, float]:
-        """Metrics over everything collected.
+        """Metrics over everything collected, by every rank: a collective, which each rank must call.
 
         Keys: ``image_auroc``, ``image_f1_max``, ``image_f1_threshold`` and, with pixel metrics,
-        ``pixel_auroc`` (over all pixels of all images) and ``pixel_aupro`` (up to ``aupro_fpr_limit``);
+        ``pixel_auroc`` (over all pixels of all images) and ``pixel_aupro`` (up to ``aupro_fpr_limit``),
+        beyond ``exact_pixel_limit`` pixels with ``pixel_auroc_max_error`` and ``pixel_aupro_max_error``;
         with a ``threshold`` (calibrated on normal images, never on this set) also precision, recall, F1
         and false-alarm rate at it; with a ``pixel_threshold`` the quality of the masks ``map >
         pixel_threshold``: :func:`pixel_decisions`, and on the good images the share with any pixel
         above it and the mean share of their pixels above it. Raises ``ValueError`` when a metric is
         undefined, e.g. when the test set holds only one class.
         """
-        if not self._scores:
-            raise ValueError("no batch to evaluate: update() was never called")
-        scores, labels = _merge(self._scores), _merge(self._labels)
-        _require_both_classes(labels, "image metrics", "images")
+        with_pixels, num_pixels, map_shape = self._agree_on_layout()
+        scores, labels = _gathered(self._scores, torch.float32), _gathered(self._labels, torch.bool)
+        _require_both_classes(int((~labels).sum()), int(labels.sum()), "image metrics", "images")
         f1, best = f1_max(scores, labels)
         metrics = {"image_auroc": _auroc(scores, labels), "image_f1_max": f1, "image_f1_threshold": best}
         if threshold is not None:
             metrics.update(metrics_at_threshold(scores, labels, threshold))
-        if self._masks:
-            maps, masks = _merge(self._maps), _merge(self._masks)
-            _require_both_classes(masks, "pixel metrics", "pixels")
-            metrics["pixel_auroc"], metrics["pixel_aupro"] = pixel_auroc_and_aupro(
-                maps, masks, self.aupro_fpr_limit
-            )
-            if pixel_threshold is not None:
-                metrics["pixel_threshold"] = pixel_threshold
-                metrics.update(pixel_decisions(maps, masks, pixel_threshold))
-        if pixel_threshold is not None and self._maps:
-            above = _merge(self._maps)[~labels].flatten(1) > pixel_threshold  # [good images, pixels]
-            metrics["good_images_with_false_positive_pixels"] = float(above.any(dim=1).double().mean())
-            metrics["good_false_positive_area"] = float(above.double().mean())
+        if not with_pixels:
+            return metrics
+        if num_pixels > self.exact_pixel_limit:
+            metrics.update(self._binned_pixel_metrics(num_pixels, pixel_threshold))
+        else:
+            metrics.update(self._exact_pixel_metrics(labels, map_shape, pixel_threshold))
+        if pixel_threshold is not None:
+            above = _gathered(self._map_maxima, torch.float32)[~labels] > pixel_threshold  # [good images]
+            metrics["good_images_with_false_positive_pixels"] = float(above.double().mean())
+        return metrics
+
+    def _agree_on_layout(self) -> tuple[bool, int, tuple[int, ...]]:
+        """Over all ranks: whether pixel metrics are computed, the number of map pixels, and one map's shape
+        ``(1, H, W)`` (which a rank without images needs to take part in gathering the maps)."""
+        shape = tuple(self._maps[0].shape[1:]) if self._maps else (1, 0, 0)
+        num_images = sum(len(scores) for scores in self._scores)
+        local = [num_images, int(bool(self._with_pixels)), self._num_pixels, *shape]
+        ranks = _gather(torch.tensor([local]))
+        ranks = ranks[ranks[:, 0] > 0]  # those with images
+        if len(ranks) == 0:
+            raise ValueError("no batch to evaluate: update() was never called")
+        if ranks[:, 1].unique().numel() > 1:
+            raise ValueError("masks were given on some ranks but not on others")
+        return bool(ranks[0, 1]), int(ranks[:, 2].sum()), tuple(ranks[0, 3:].tolist())
+
+    def _exact_pixel_metrics(
+        self, labels: Tensor, map_shape: tuple[int, ...], pixel_threshold: float | None
+    ) -> dict[str, float]:
+        maps = _gathered(self._maps, torch.float32, map_shape)
+        masks = _gathered(self._masks, torch.bool, map_shape)
+        num_defect = int(masks.sum())
+        _require_both_classes(masks.numel() - num_defect, num_defect, "pixel metrics", "pixels")
+        auroc, area = pixel_auroc_and_aupro(maps, masks, self.aupro_fpr_limit)
+        metrics = {"pixel_auroc": auroc, "pixel_aupro": area}
+        if pixel_threshold is not None:
+            metrics["pixel_threshold"] = pixel_threshold
+            metrics.update(pixel_decisions(maps, masks, pixel_threshold))
+            metrics["good_false_positive_area"] = float((maps[~labels] > pixel_threshold).double().mean())
+        return metrics
+
+    def _binned_pixel_metrics(self, num_pixels: int, pixel_threshold: float | None) -> dict[str, float]:
+        if self._histogram is None:  # this rank's share of the test set was within the limit
+            self._count_into_histogram()
+        histogram = self._histogram.all_reduced()
+        _require_both_classes(*histogram.pixel_counts(), "pixel metrics", "pixels")
+        metrics = histogram.pixel_metrics(self.aupro_fpr_limit)
+        if distributed.rank() == 0:
+            log.info(
+                "Pixel metrics of %d pixels (above evaluation.exact_pixel_limit=%d) from a histogram of %d"
+                " bins: pixel AUROC within %.1e, AUPRO within %.1e of the exact values.",
+                num_pixels, self.exact_pixel_limit, self.histogram_bins,
+                metrics["pixel_auroc_max_error"], metrics["pixel_aupro_max_error"],
+            )  # fmt: skip
+        if pixel_threshold is not None:
+            metrics["pixel_threshold"] = pixel_threshold
+            metrics.update(histogram.decisions(pixel_threshold))
         return metrics
 
 
@@ -141,9 +238,18 @@ def _merge(batches: list[Tensor]) -> Tensor:
     return merged
 
 
-def _require_both_classes(labels: Tensor, metrics: str, items: str) -> None:
-    num_defective = int(labels.sum())
-    num_good = labels.numel() - num_defective
+def _gathered(batches: list[Tensor], dtype: torch.dtype, row_shape: tuple[int, ...] = ()) -> Tensor:
+    """Every rank's batches (rows of ``row_shape``) concatenated in rank order, on the CPU (the one-process
+    order: each rank holds a contiguous block of the test set). This rank's are kept merged."""
+    return _gather(_merge(batches) if batches else torch.empty((0, *row_shape), dtype=dtype))
+
+
+def _gather(local: Tensor) -> Tensor:
+    """:func:`~anomaly.distributed.all_gather_rows` on the device the backend needs, back on the CPU."""
+    return distributed.all_gather_rows(local.to(distributed.collective_device())).cpu()
+
+
+def _require_both_classes(num_good: int, num_defective: int, metrics: str, items: str) -> None:
     if num_good == 0 or num_defective == 0:
         raise ValueError(
             f"{metrics} need both classes, got {num_good} good, {num_defective} defective {items}"

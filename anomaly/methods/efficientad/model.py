@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
+from anomaly import distributed
 from anomaly.backbones.feature_extractor import IMAGENET_MEAN, IMAGENET_STD
 from anomaly.errors import ConfigError, DataError
 from anomaly.methods.base import AnomalyOutput, TrainedModel, register_fitted_buffer
@@ -195,7 +196,11 @@ class EfficientAD(TrainedModel):
                 "there are none: set dataset.val_fraction > 0 (the method's defaults set 0.1; with few "
                 "training images make sure round(n_train * val_fraction) >= 1)."
             )
-        quantiles = [self.map_quantiles(torch.cat(kind)) for kind in zip(*maps, strict=True)]
+        # with several processes each holds its block of the held-out images: the quantiles are over all
+        quantiles = [
+            self.map_quantiles(distributed.all_gather_rows(torch.cat(kind)))
+            for kind in zip(*maps, strict=True)
+        ]
         for name, (low, high) in zip(("student-teacher", "autoencoder"), quantiles, strict=True):
             if not high > low:
                 raise DataError(

@@ -12,6 +12,7 @@ batch's mean), so memory does not grow with the train set. Each batch adds into 
 into the float64 total every ``FLOAT32_RUN`` images, which bounds its rounding error.
 """
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anomaly import distributed
 from anomaly.errors import ConfigError
 from anomaly.methods.base import AnomalyOutput, FitOnceModel, register_fitted_buffer
 from anomaly.methods.postprocess import upsample_and_blur
@@ -41,9 +43,9 @@ class Padim(FitOnceModel):
         total = sum(backbone.channels)
         if not 0 < n_features <= total:
             raise ConfigError(f"n_features must be in [1, {total}] (the layers' channels), got {n_features}")
-        if covariance_epsilon < 0 or blur_sigma < 0 or position_block < 1:
+        if not (0 <= covariance_epsilon < math.inf and 0 <= blur_sigma < math.inf and position_block >= 1):
             raise ConfigError(
-                "covariance_epsilon and blur_sigma must be >= 0 and position_block >= 1, got "
+                "covariance_epsilon and blur_sigma must be finite and >= 0 and position_block >= 1, got "
                 f"{covariance_epsilon}, {blur_sigma}, {position_block}"
             )
         generator = torch.Generator().manual_seed(seed)
@@ -122,7 +124,9 @@ class Padim(FitOnceModel):
 
     @torch.no_grad()
     def fit(self) -> None:
-        self._set_statistics(self._collected_statistics())
+        """The statistics of everything collected, over all processes when several share the fit: each
+        sums its own images, then one exact combination (the same model as one process, up to rounding)."""
+        self._set_statistics(combine_across_ranks(self._collected_statistics(minimum=1)))
 
     @torch.no_grad()
     def update(self, batches: Iterable[Tensor]) -> None:
@@ -137,12 +141,14 @@ class Padim(FitOnceModel):
         count = int(self.count)
         return Statistics(count, self.mean.double(), self.covariance.double() * (count - 1))
 
-    def _collected_statistics(self) -> "Statistics":
-        """The statistics of everything collected since the last fit, which frees the collection."""
+    def _collected_statistics(self, minimum: int = 2) -> "Statistics":
+        """The statistics of everything collected since the last fit, which frees the collection. A process
+        that shares a fit with others needs ``minimum=1`` image of its own (two over all of them)."""
         if self._shift is not None:
             self._flush_run()
-        if self._count < 2:
-            raise RuntimeError(f"PaDiM needs at least 2 training images, got {self._count}")
+        if self._count < minimum:
+            where = " in this process" if minimum == 1 else ""
+            raise RuntimeError(f"PaDiM needs at least {minimum} training image(s){where}, got {self._count}")
         n = self._count
         shifted_mean = self._sum / n
         # scatter = Σ x·xᵀ − n·m·mᵀ, in place on the float64 total
@@ -166,11 +172,12 @@ class Padim(FitOnceModel):
         """Held-out scores by subtraction: each fold's model is the fitted statistics minus the fold's, so
         the backbone sees each training image once more and nothing is refitted from scratch."""
         total, scores = self.statistics(), []
-        for fold in folds:
+        for fold in folds:  # with several processes: this rank's block of the fold
             batches = [(self.embed(images).float(), tuple(images.shape[-2:])) for images in fold()]
             embedding = torch.cat([x for x, _ in batches], dim=2)  # [h, w, n_f, D]
             height, width = embedding.shape[:2]
-            rest = subtract(total, embedding_statistics(embedding.flatten(0, 1)))
+            fold_statistics = combine_across_ranks(embedding_statistics(embedding.flatten(0, 1)))
+            rest = subtract(total, fold_statistics)
             covariance = rest.scatter.div_(rest.count - 1)
             covariance.diagonal(dim1=-2, dim2=-1).add_(self.covariance_epsilon)
             # Cholesky and a triangular solve: the same distances as through the inverse, at 1/2 the cost
@@ -247,6 +254,20 @@ def combine(a: Statistics, b: Statistics) -> Statistics:
         delta[:, :, None], delta[:, None, :], alpha=a.count * b.count / count
     )
     return Statistics(count, a.mean + delta * (b.count / count), scatter)
+
+
+def combine_across_ranks(local: Statistics) -> Statistics:
+    """The statistics of every process's images (one process: ``local``): the global count and mean by
+    one all-reduce, then each rank's scatter about the global mean, ``S_r + n_r (m_r − m)(m_r − m)ᵀ``,
+    summed by another (Chan et al.'s combination, for any number of parts at once)."""
+    if not distributed.is_distributed():
+        return local
+    count = int(distributed.all_reduce_sum(torch.tensor([float(local.count)], dtype=torch.float64,
+                                                        device=local.mean.device)))  # fmt: skip
+    mean = distributed.all_reduce_sum(local.mean * local.count) / count
+    delta = local.mean - mean
+    scatter = local.scatter.baddbmm(delta[:, :, None], delta[:, None, :], alpha=local.count)
+    return Statistics(count, mean, distributed.all_reduce_sum(scatter))
 
 
 def subtract(total: Statistics, part: Statistics) -> Statistics:
