@@ -5,16 +5,20 @@ layers; a greedy coreset of these descriptors is the memory bank, and a test pat
 it is far from its nearest bank entry.
 """
 
+import math
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from anomaly import distributed
 from anomaly.backbones.patch_features import PatchFeatures
 from anomaly.errors import ConfigError
 from anomaly.methods.base import AnomalyOutput, FitOnceModel, register_fitted_buffer
-from anomaly.methods.patchcore.coreset import ApproximateGreedyCoreset
+from anomaly.methods.patchcore.coreset import ApproximateGreedyCoreset, shard_extent
 from anomaly.methods.patchcore.nearest_neighbors import KNN_BACKENDS, FaissKnn, TorchKnn, build_index
+from anomaly.methods.patchcore.spill import PatchSpill
 from anomaly.methods.postprocess import upsample_and_blur
 
 _CORESET_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -32,7 +36,12 @@ class PatchCore(FitOnceModel):
         reweight_neighbors: b, the number of bank neighbours of m* in Eq. 7.
         blur_sigma: Gaussian smoothing of the upsampled map, in input pixels (official: 4).
         knn_backend: "auto", "faiss" or "torch" (see :func:`build_index`).
+        spill_dir: the folder of the file where collected patches wait for :meth:`fit` (:class:`PatchSpill`;
+            it has no name and is gone after the fit); None: the system temp dir. A loaded model gets None.
     """
+
+    # where this machine keeps a fit's temporary file: not part of the model (model_io loads it as None)
+    training_only_arguments: ClassVar[tuple[str, ...]] = ("spill_dir",)
 
     def __init__(
         self,
@@ -47,6 +56,7 @@ class PatchCore(FitOnceModel):
         blur_sigma: float = 4.0,
         knn_backend: str = "auto",
         seed: int = 0,
+        spill_dir: str | None = None,
     ) -> None:
         super().__init__()
         if coreset_dtype not in _CORESET_DTYPES:
@@ -56,6 +66,8 @@ class PatchCore(FitOnceModel):
         if num_neighbors < 1 or reweight_neighbors < 1:
             raise ConfigError(f"num_neighbors and reweight_neighbors must be >= 1, got {num_neighbors}, "
                               f"{reweight_neighbors}")  # fmt: skip
+        if not 0 <= blur_sigma < math.inf:
+            raise ConfigError(f"blur_sigma must be finite and >= 0 (0: no blur), got {blur_sigma}")
         self.features = features
         self.sampler = ApproximateGreedyCoreset(
             coreset_ratio, projection_dim, num_starting_points, _CORESET_DTYPES[coreset_dtype], seed
@@ -65,7 +77,8 @@ class PatchCore(FitOnceModel):
         self.reweight_neighbors = reweight_neighbors
         self.blur_sigma = blur_sigma
         self.knn_backend = knn_backend
-        self._collected: list[Tensor] = []
+        self.spill_dir = spill_dir
+        self._spill: PatchSpill | None = None  # the patches collected since the last fit
         register_fitted_buffer(self, "memory_bank")  # [M, D]
         self._knn: tuple[Tensor, TorchKnn | FaissKnn] | None = None  # (bank it was built from, index)
         self.register_load_state_dict_post_hook(_drop_knn_index)
@@ -80,27 +93,42 @@ class PatchCore(FitOnceModel):
         return self.features(images).flatten(1, 2)
 
     def collect(self, images: Tensor) -> None:
-        """Keeps the ``B·h·w`` patch features of a batch of normal images (on the model's device)."""
-        self._collected.append(self.embed(images).flatten(0, 1))
+        """Appends the ``B·h·w`` patch features of a batch of normal images to the spill file: memory holds
+        none of them (2.6 M patches at D = 1024 would be 10.6 GB)."""
+        if self._spill is None:
+            self._spill = PatchSpill(self.spill_dir, self.memory_bank.device)
+        self._spill.append(self.embed(images).flatten(0, 1))
 
     def fit(self) -> None:
-        """Subsamples everything collected into the memory bank and builds the k-NN index."""
-        if not self._collected:
-            raise RuntimeError("PatchCore.fit() needs features: call collect() on normal images first")
-        features = torch.cat(self._collected)  # [N, D]
-        self._collected.clear()
-        self.memory_bank = features[self.sampler.select(features)].contiguous()
+        """Subsamples everything collected into the memory bank and builds the k-NN index.
+
+        Memory holds the projected patches ``[N, projection_dim]`` and the bank, never all patches at full
+        width (unless the bank is all of them: ``coreset_ratio`` 1); the spill file is deleted, also on an
+        error. On several processes (``trainer=ddp``) each rank has collected its block of the training
+        images: the coreset is the one process's, selected over all of them
+        (:meth:`ApproximateGreedyCoreset.select`), and every rank ends with the whole bank.
+        """
+        spill, self._spill = self._spill or PatchSpill(self.spill_dir, self.memory_bank.device), None
+        with spill:
+            if shard_extent(len(spill), spill.device)[1] == 0:  # on every rank alike
+                raise RuntimeError("PatchCore.fit() needs features: call collect() on normal images first")
+            self.memory_bank = _gather_rows(spill, self.sampler.select(spill))
         self._knn_index()
 
     @torch.no_grad()
     def update(self, batches: Iterable[Tensor]) -> None:
         """Adds the patches of new normal images: the coreset is extended greedily over them, starting from
-        the current bank (:meth:`ApproximateGreedyCoreset.extend`); the old bank is kept as it is."""
+        the current bank (:meth:`ApproximateGreedyCoreset.extend`); the old bank is kept as it is. The new
+        patches wait in a spill file as in :meth:`fit`. In one process (``anomaly-update`` runs in one)."""
         if not self.is_fitted:
             raise RuntimeError("PatchCore.update() extends a fitted memory bank: fit first")
-        features = torch.cat([self.embed(images).flatten(0, 1) for images in batches])  # [N, D]
-        added = features[self.sampler.extend(self.memory_bank, features)]
-        self.memory_bank = torch.cat([self.memory_bank, added]).contiguous()
+        with PatchSpill(self.spill_dir, self.memory_bank.device) as spill:
+            for images in batches:
+                spill.append(self.embed(images).flatten(0, 1))
+            if not len(spill):
+                raise RuntimeError("PatchCore.update() got no images")
+            added = spill.take(self.sampler.extend(self.memory_bank, spill))
+        self.memory_bank = torch.cat([self.memory_bank, added.to(self.memory_bank.device)]).contiguous()
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> AnomalyOutput:
@@ -156,6 +184,22 @@ class PatchCore(FitOnceModel):
         anchor_dist = torch.linalg.vector_norm(test_patch - anchor, dim=-1)  # [B]
         weight = 1 - torch.exp(anchor_dist - torch.logsumexp(support_dist, dim=1))
         return weight.clamp_(min=0) * patch_scores[rows, worst]
+
+
+def _gather_rows(spill: PatchSpill, selected: Tensor) -> Tensor:
+    """The rows ``selected [M]`` (indices over all ranks' spills, in rank order) as ``[M, D]`` on the spill's
+    device, on every rank: each rank reads the rows it holds into zeros, and the sum over ranks is every
+    row exactly (a value plus zeros)."""
+    if not distributed.is_distributed():
+        return spill.take(selected).to(spill.device)
+    offset = shard_extent(len(spill), spill.device)[0]
+    dim = max(distributed.all_gather_counts(len(spill.feature_sum()), spill.device))  # D = 0 without rows
+    local = selected.cpu() - offset
+    mine = ((local >= 0) & (local < len(spill))).nonzero().squeeze(1)
+    rows = torch.zeros(len(selected), dim)
+    if len(mine):
+        rows[mine] = spill.take(local[mine])
+    return distributed.all_reduce_sum(rows.to(spill.device))
 
 
 def _drop_knn_index(module: PatchCore, incompatible_keys: object) -> None:
