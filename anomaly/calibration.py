@@ -15,6 +15,9 @@ prediction and distribution-free uncertainty quantification", 2021, Sec. on conf
 tolerance regions). When no k ≤ n suffices, the largest score is used, and the rate it guarantees,
 1 − δ^(1/n), is reported instead. The pixel threshold is the same order statistic over each normal image's
 map maximum: with it at most a share α_pix of good parts gets any false-positive pixel.
+
+Which normal images those are is decided here too (:func:`choose_source`): the data module's calibration
+images, or for fit-once methods without any a cross-fit over the training images.
 """
 
 import logging
@@ -93,6 +96,21 @@ class Calibration:
         """0 = a typical good part, 1 = at the threshold (same formula for image scores and maps)."""
         return (scores - self.normal_median) / max(self.threshold - self.normal_median, 1e-12)
 
+    def describe(self) -> str:
+        """The guarantee in words, as the commands print it."""
+        unmet = (
+            ""
+            if self.guaranteed_rate <= self.false_alarm_rate
+            else (f" (the budget of {100 * self.false_alarm_rate:g} % needs more normal images)")
+        )
+        return (
+            f"threshold {self.threshold:.6g} from {self.num_images} normal images ({self.source}): at most "
+            f"{100 * self.guaranteed_rate:.1f} % false alarms on good parts with "
+            f"{100 * self.confidence:.0f} % confidence{unmet}; pixel threshold "
+            f"{self.pixel_threshold:.6g}: at most "
+            f"{100 * self.pixel_guaranteed_rate:.1f} % of good parts with any false-positive pixel"
+        )
+
     def to_dict(self) -> dict:
         return asdict(self) | {"scores": list(self.scores), "map_maxima": list(self.map_maxima)}
 
@@ -117,6 +135,48 @@ class Calibration:
         if not isinstance(values["source"], str):
             raise ConfigError("calibration source must be a string")
         return cls(**{**values, **{key: tuple(float(v) for v in value) for key, value in lists.items()}})
+
+
+SOURCES = ("auto", "calibration_images", "cross_fit", "none")  # threshold.source
+
+
+@dataclass(frozen=True)
+class CalibrationSource:
+    """Which normal images give the calibration scores, and how the run records them."""
+
+    kind: str  # "calibration_images" (the data module's) or "cross_fit" (over the training images)
+    description: str  # recorded in the model file and run.json
+
+
+def choose_source(
+    setting: str, calibration_origin: str | None, fits_once: bool, num_train: int, folds: int
+) -> CalibrationSource | None:
+    """The source that ``threshold.source`` names (None: no threshold). ``calibration_origin`` is the data
+    module's description of its calibration images (None: it has none); ``auto`` takes them, else a
+    ``folds``-fold cross-fit for fit-once methods, else no threshold (said in the log)."""
+    if setting not in SOURCES:
+        raise ConfigError(f"threshold.source must be one of {', '.join(SOURCES)}, got {setting!r}")
+    if setting == "none":
+        return None
+    if setting == "auto":
+        setting = "calibration_images" if calibration_origin else "cross_fit" if fits_once else "none"
+        if setting == "none":
+            log.warning(
+                "No normal images to calibrate a threshold on: set dataset.val_fraction > 0 or "
+                "dataset.calibration_dir=<folder of good parts>. The run has no threshold."
+            )
+            return None
+    if setting == "calibration_images":
+        if calibration_origin is None:
+            raise ConfigError(
+                "threshold.source=calibration_images needs calibration images: dataset.calibration_dir="
+                "<folder of good parts> or dataset.val_fraction > 0"
+            )
+        return CalibrationSource(setting, calibration_origin)
+    if not fits_once:
+        raise ConfigError("threshold.source=cross_fit needs a fit-once method (PaDiM, PatchCore)")
+    count = min(folds, num_train)  # tiny data: one image per fold
+    return CalibrationSource(setting, f"cross-fit over the {num_train} training images ({count} folds)")
 
 
 def _is_number(value: object) -> bool:

@@ -38,6 +38,7 @@ COMPONENTS: dict[str, type[nn.Module]] = {  # constructor key -> the class built
     "backbone": FeatureExtractor,
     "features": PatchFeatures,
 }
+MODEL_FILE_NAME = "model.safetensors"  # what anomaly-train writes into its run dir
 GOOD_FILE_HINT = (
     "Use the model.safetensors that anomaly-train wrote into its run dir, or re-run anomaly-train."
 )
@@ -116,13 +117,22 @@ def _write_atomically(state: dict[str, Tensor], metadata: dict[str, str], path: 
         raise
 
 
-def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
-    """Rebuilds the model that :func:`save_model` wrote (a run dir works too)."""
+def find_model_file(path: str | Path) -> Path:
+    """The model file that ``path`` names: a run dir (its ``model.safetensors``) or the file itself."""
     path = Path(path)
     if path.is_dir():
-        path = path / "model.safetensors"
+        path = path / MODEL_FILE_NAME
     if not path.is_file():
-        raise ModelFileError(f"Model file {path} does not exist. {GOOD_FILE_HINT}")
+        raise ModelFileError(
+            f"Model file {path} does not exist: pass model=<run dir> or <run dir>/{MODEL_FILE_NAME}. "
+            f"{GOOD_FILE_HINT}"
+        )
+    return path
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuilds the model that :func:`save_model` wrote (a run dir works too: :func:`find_model_file`)."""
+    path = find_model_file(path)
     metadata = _read_metadata(path)
     method = metadata.get("method")
     if method not in METHODS:
@@ -319,3 +329,12 @@ def _admits(annotation: object, value: object) -> bool:
         item = args[0] if args else typing.Any
         return isinstance(value, list) and all(_admits(item, entry) for entry in value)
     return False
+
+
+def read_calibration(path: str | Path) -> Calibration | None:
+    """The calibration a model file holds, without building its model (a finished run's guarantee)."""
+    path = find_model_file(path)
+    try:
+        return Calibration.from_dict(_json(_read_metadata(path), "calibration", path))
+    except ConfigError as error:
+        raise ModelFileError(f"{path}: its calibration is not valid: {error}. {GOOD_FILE_HINT}") from None

@@ -29,13 +29,12 @@ from pathlib import Path
 import onnxruntime
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
-from anomaly.allocator import keep_freed_memory_for_reuse
-from anomaly.cli.export import export, resolve_input_size
-from anomaly.cli.runtime import config_dir
-from anomaly.cli.train import train
+import anomaly
+from anomaly.cli.export import export
+from anomaly.cli.runtime import prepare_process
+from anomaly.config import config_dir
+from anomaly.deploy.export import resolve_input_size
 from anomaly.deploy.parity import generated_images
 from anomaly.deploy.preprocess import ExportedModel, Preprocess
 from anomaly.model_io import load_model
@@ -47,12 +46,15 @@ QUICK_TRAINING = {
 
 
 def train_tiny(method: str, workdir: Path) -> Path:
-    """anomaly-train's job on the generated data set (its defaults: 60 training images at 256 px)."""
+    """anomaly-train's job (:func:`anomaly.run`) on the generated data set (its defaults: 60 training
+    images at 256 px); returns the run dir."""
     overrides = [
         f"method={method}",
         "logger=none",
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
+        "dataset.n_calibration=0",  # the model's speed is measured, not its threshold
+        f"paths.data_dir={workdir / 'data'}",
         *QUICK_TRAINING.get(method, []),
     ]
     if method == "efficientad":
@@ -60,15 +62,9 @@ def train_tiny(method: str, workdir: Path) -> Path:
 
         torch.save(patch_description_network(384, "small").state_dict(), workdir / "teacher.pth")
         overrides.append(f"method.model.teacher_weights={workdir / 'teacher.pth'}")
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(workdir / method)
-        cfg.paths.data_dir = str(workdir / "data")
-        del cfg.hydra
-    train(cfg)
-    return workdir / method
+    result = anomaly.run(anomaly.compose(overrides, output_dir=workdir / method))
+    print(result.describe(), flush=True)
+    return result.output_dir
 
 
 def export_file(model: Path, fmt: str, output: Path, input_size: tuple[int, int], device: str) -> Path:
@@ -158,8 +154,7 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    keep_freed_memory_for_reuse()  # as anomaly-predict does by default
+    prepare_process(reuse_freed_memory=True, num_threads=args.threads)  # as anomaly-predict does by default
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="anomaly-benchmark-"))
     workdir.mkdir(parents=True, exist_ok=True)
     models = [m.parent if m.is_file() else m for m in args.models] or [

@@ -36,7 +36,6 @@ channel choice, PatchCore's projection and starting points). Example::
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,22 +46,17 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
-from omegaconf import open_dict
+from omegaconf import DictConfig
 
-from anomaly.allocator import keep_freed_memory_for_reuse
+import anomaly
 from anomaly.backbones import FeatureExtractor
-from anomaly.cli.runtime import config_dir
-from anomaly.cli.train import train
-from anomaly.methods.base import FitOnceModel
+from anomaly.cli.runtime import prepare_process
+from anomaly.data.datamodule import AnomalyDataModule
+from anomaly.experiment import build_model, check_settings, lightning_notes_silenced, peak_rss_mb, tiling_of
+from anomaly.methods.base import FitOnceModel, TrainedModel
 from anomaly.methods.patchcore.model import PatchCore
 from anomaly.metrics import Evaluator
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Stopwatch:
@@ -80,16 +74,23 @@ class Stopwatch:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def compose_config(overrides: list[str], output_dir: Path):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.root_dir = str(Path.cwd())
-        cfg.paths.data_dir = str(Path.cwd() / "outputs" / "data")
-        del cfg.hydra
-    return cfg
+def run_end_to_end(cfg: DictConfig) -> dict[str, float]:
+    """``anomaly-train``'s job (:func:`anomaly.run`) on ``cfg``; prints its summary, returns its metrics."""
+    result = anomaly.run(cfg)
+    if result.record is not None:
+        print(result.describe(), flush=True)
+    return result.metrics
+
+
+def datamodule_of(cfg: DictConfig) -> AnomalyDataModule:
+    """The data module as a run builds it for the configured method (:func:`anomaly.experiment.run`)."""
+    model_class = get_class(cfg.method.model._target_)
+    normalization_share = model_class.normalization_share if issubclass(model_class, TrainedModel) else 0.0
+    return instantiate(
+        cfg.dataset,
+        train_in_order=issubclass(model_class, FitOnceModel),
+        normalization_share=normalization_share,
+    )
 
 
 def stage_device(cfg) -> torch.device:
@@ -100,17 +101,18 @@ def stage_device(cfg) -> torch.device:
 
 def time_stages(cfg) -> dict[str, float]:
     """Runs each stage separately on the composed config; returns seconds per stage."""
+    check_settings(cfg)
     torch.manual_seed(cfg.seed)
     device = stage_device(cfg)
     watch = Stopwatch()
-    datamodule = instantiate(cfg.dataset)
+    datamodule = datamodule_of(cfg)
     datamodule.setup()
     with watch("decode"):  # and the copy to the device, as the loaders deliver batches
         train_batches = [batch["image"].to(device) for batch in datamodule.train_dataloader()]
         test_batches = [
             {**batch, "image": batch["image"].to(device)} for batch in datamodule.test_dataloader()
         ]
-    model = instantiate(cfg.method.model).to(device).eval()
+    model = build_model(cfg, tiling_of(cfg, datamodule.preprocessing)).to(device).eval()
     all_images = [*train_batches, *(batch["image"] for batch in test_batches)]
     backbone = next(module for module in model.modules() if isinstance(module, FeatureExtractor))
     with torch.inference_mode(), watch("backbone"):
@@ -132,7 +134,9 @@ def time_stages(cfg) -> dict[str, float]:
             with watch("knn"):
                 for queries in patches:
                     model._knn_index().search(queries, model.num_neighbors)
-    evaluator = Evaluator(compute_pixel_metrics=datamodule.has_pixel_ground_truth())
+    settings = cfg.evaluation  # as the run's test step sets it up
+    evaluator = Evaluator(datamodule.has_pixel_ground_truth(), settings.aupro_fpr_limit,
+                          settings.exact_pixel_limit, settings.histogram_bins)  # fmt: skip
     with torch.inference_mode():
         for batch in test_batches:
             with watch("score"):
@@ -185,9 +189,11 @@ def median_ms(seconds: list[float]) -> float:
 
 def time_trained_stages(cfg, train_steps: int, warmup: int) -> dict[str, float]:
     """Training step time, then batch-1 latency and batched throughput of the briefly trained model."""
+    check_settings(cfg)
     pl.seed_everything(cfg.seed)
-    datamodule = instantiate(cfg.dataset)
-    model = instantiate(cfg.method.model)
+    datamodule = datamodule_of(cfg)
+    datamodule.setup()  # every file listed and checked before any work, as a run does
+    model = build_model(cfg, tiling_of(cfg, datamodule.preprocessing))
     module = instantiate(cfg.method.module, model=model)
     steps = warmup + train_steps
     timer = StepTimer(steps)
@@ -195,7 +201,8 @@ def time_trained_stages(cfg, train_steps: int, warmup: int) -> dict[str, float]:
         cfg.trainer, max_steps=-1, max_epochs=-1, logger=False, callbacks=[timer], enable_progress_bar=False,
         enable_model_summary=False,
     )  # fmt: skip
-    trainer.fit(module, datamodule=datamodule)  # finalize() after the last step: EfficientAD's quantiles
+    with lightning_notes_silenced():  # as a run does
+        trainer.fit(module, datamodule=datamodule)  # finalize() after the last step: EfficientAD's quantiles
     if len(timer.seconds) < steps:
         raise ValueError(f"Only {len(timer.seconds)} training steps ran; {steps} were asked for.")
     device = next(model.parameters()).device
@@ -268,8 +275,8 @@ def compare_seeds(args: argparse.Namespace, overrides: list[str], output_dir: Pa
     """The whole job per seed, ours and (``--compare-peer``) anomalib's: mean ± std per side and metric."""
     ours, peer = [], []
     for seed in args.seeds:
-        cfg = compose_config([*overrides, f"seed={seed}"], output_dir / f"seed{seed}")
-        metrics = train(cfg)
+        cfg = anomaly.compose([*overrides, f"seed={seed}"], output_dir / f"seed{seed}")
+        metrics = run_end_to_end(cfg)
         ours.append({**metrics, "fit_plus_test_s": metrics["fit_seconds"] + metrics["test_seconds"]})
         if args.compare_peer:
             result = run_peer(args, cfg)
@@ -322,7 +329,9 @@ def main() -> None:
 
     output_dir = Path("outputs/benchmarks") / time.strftime("%Y-%m-%d_%H-%M-%S")
     overrides = [*args.overrides, "logger=none", "trainer.enable_progress_bar=false"]
-    cfg = compose_config(overrides, output_dir)
+    cfg = anomaly.compose(overrides, output_dir)
+    # as anomaly-train does (malloc, threads), so that every stage and run sees the same process settings
+    prepare_process(cfg.reuse_freed_memory, cfg.get("num_threads"))
     if args.seeds:
         figures = compare_seeds(args, overrides, output_dir)
         print(f"\n{cfg.method.name} | {cfg.backbone.name} | {cfg.dataset.get('category')} over seeds")
@@ -330,15 +339,13 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
         return
-    if cfg.reuse_freed_memory:  # as anomaly-train does, so that every stage runs under the same malloc
-        keep_freed_memory_for_reuse()
     figures: dict = {
         "method": cfg.method.name,
         "backbone": cfg.backbone.name,
         "threads": torch.get_num_threads(),
     }
     if not args.skip_end_to_end:  # first, so that its peak RSS is its own
-        metrics = train(compose_config(overrides, output_dir / "end_to_end"))
+        metrics = run_end_to_end(anomaly.compose(overrides, output_dir / "end_to_end"))
         figures["end_to_end_s"] = round(metrics["fit_seconds"] + metrics["test_seconds"], 2)
         figures.update({k: v for k, v in metrics.items() if not k.endswith("seconds")})
     if issubclass(get_class(cfg.method.model._target_), FitOnceModel):

@@ -5,7 +5,7 @@
                                                                    # sizes, ResNet18 instead of WideResNet50
 
 1. ``pytest -m gpu``: CPU-vs-GPU metric agreement, the float32 greedy selection, EfficientAD, distillation,
-   predict and export on CUDA (tests/test_gpu.py).
+   predict and export on CUDA (tests/gpu/test_gpu.py).
 2. Greedy coreset at PatchCore's large case (N = 1,536,000 projected patches, 128-d, float16, 10 %):
    seconds, steps per second and the memory-bandwidth floor (one full read of the points per step, at the
    bandwidth a plain reduction reaches on this GPU); the coverage radius against a float32 run.
@@ -30,10 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from anomaly.data.synthetic import ensure_dataset  # noqa: E402
+from anomaly.data.synthetic import BENCHMARK_CATEGORIES, ensure_dataset  # noqa: E402
 from anomaly.methods.patchcore.coreset import greedy_k_center  # noqa: E402
-
-CATEGORIES = ("fabric", "tile", "washer")
 
 
 def environment(device: str) -> dict:
@@ -46,7 +44,7 @@ def environment(device: str) -> dict:
 def gpu_tests(device: str) -> dict:
     if device != "cuda":
         return {"gpu_tests": "skipped (no CUDA)"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py"],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu/test_gpu.py"],
                             cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     print(result.stdout[-3000:], result.stderr[-2000:], flush=True)
     return {
@@ -118,6 +116,7 @@ def run_records(folder: Path) -> list[dict]:
 def paper_setting(device: str, workdir: Path, quick: bool) -> dict:
     sizes = (["dataset.n_train=8", "dataset.n_test_good=2", "dataset.n_test_defect=4"] if quick
              else ["dataset.n_train=240", "dataset.n_test_good=30", "dataset.n_test_defect=80"])  # fmt: skip
+    sizes.append("dataset.n_calibration=0")
     data = [*sizes, "dataset.generated_size=256", "dataset.image_size=256", "dataset.crop_size=224",
             f"dataset.root={workdir / 'data'}", "dataset.val_fraction=0", "dataset.num_workers=8",
             f"backbone={'resnet18' if quick else 'wide_resnet50_2'}", "backbone.weights=null"]  # fmt: skip
@@ -125,7 +124,7 @@ def paper_setting(device: str, workdir: Path, quick: bool) -> dict:
     results = {}
     for method in ("patchcore", "padim"):
         sweep = workdir / f"paper_{method}"
-        sweep_values = [f"dataset.category={','.join(CATEGORIES)}", f"seed={seeds}"]
+        sweep_values = [f"dataset.category={','.join(BENCHMARK_CATEGORIES)}", f"seed={seeds}"]
         command = train_command(device, [f"method={method}", *data, *sweep_values], sweep)
         start = time.perf_counter()
         subprocess.run(command, cwd=workdir, check=True, capture_output=True, text=True)
@@ -169,7 +168,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    ensure_dataset(args.workdir / "data", CATEGORIES, n_train=8 if args.quick else 240,
+    ensure_dataset(args.workdir / "data", BENCHMARK_CATEGORIES, n_train=8 if args.quick else 240,
                    n_test_good=2 if args.quick else 30, n_test_defect=4 if args.quick else 80)  # fmt: skip
     report = {"environment": environment(args.device)}
     report.update(gpu_tests(args.device))

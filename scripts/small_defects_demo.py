@@ -17,14 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from matplotlib.figure import Figure
-from omegaconf import open_dict
 from torchvision import tv_tensors
 
-from anomaly.cli.runtime import config_dir
-from anomaly.cli.train import train
+import anomaly
+from anomaly.cli.runtime import prepare_process
 from anomaly.data.decode import read_image
 from anomaly.data.synthetic import SyntheticAD
 from anomaly.metrics.full_resolution import full_resolution_metrics, mask_of
@@ -34,21 +31,17 @@ SHOWN = ("image_auroc", "pixel_auroc", "pixel_aupro", "regions_detected_at_thres
 
 
 def fit(out: Path, name: str, size: int, overrides: list[str]) -> Path:
-    """anomaly-train's job into ``out/name``; returns the run dir."""
+    """anomaly-train's job (:func:`anomaly.run`) into ``out/name``; returns the run dir."""
     data = ["dataset.category=specks", f"dataset.generated_size={size}", "dataset.n_train=40",
+            "dataset.n_calibration=0",
             "dataset.n_test_good=20", "dataset.n_test_defect=30", "dataset.val_fraction=0.25",
             "dataset.batch_size=8", "method=patchcore", "method.model.coreset_ratio=0.01",
-            "logger=csv"]  # fmt: skip
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=[*data, *overrides], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out / name)
-        cfg.paths.data_dir = str(out / "data")
-        cfg.paths.results_db = None
-        del cfg.hydra
-    train(cfg)
-    return out / name
+            "logger=csv", f"paths.data_dir={out / 'data'}", "paths.results_db=null"]  # fmt: skip
+    cfg = anomaly.compose([*data, *overrides], output_dir=out / name)
+    prepare_process(cfg.reuse_freed_memory, cfg.get("num_threads"))  # as anomaly-train does
+    result = anomaly.run(cfg)
+    print(result.describe(), flush=True)
+    return result.output_dir
 
 
 def figure(runs: dict[str, Path], sample, path: Path) -> None:

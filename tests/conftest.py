@@ -11,15 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from torch import Tensor, nn
 
+import anomaly
 from anomaly.backbones import FeatureExtractor
 from anomaly.calibration import fit_calibration
-from anomaly.cli.runtime import config_dir
-from anomaly.cli.train import train
 from anomaly.data.preprocessing import Preprocessing
 from anomaly.methods.padim.model import Padim
 from anomaly.metrics import Evaluator
@@ -92,6 +89,7 @@ def with_square() -> Callable[[Tensor], Tensor]:
 
 SMALL_DATA = [
     "dataset.n_train=16",
+    "dataset.n_calibration=0",
     "dataset.n_test_good=8",
     "dataset.n_test_defect=12",
     "dataset.generated_size=128",
@@ -110,22 +108,19 @@ def small_data_overrides() -> list[str]:
 
 @pytest.fixture(scope="session")
 def run_job() -> Callable[[Path, list[str]], tuple[dict, Path]]:
-    """``run_job(tmp_path, overrides, method=None)``: anomaly-train's job with these overrides (and a method
-    config of the test's own), in ``tmp_path/run``; returns (metrics, run dir)."""
+    """``run_job(tmp_path, overrides, method=None)``: :func:`anomaly.run` of the config anomaly-train composes
+    from these overrides (and a method config of the test's own), in ``tmp_path/run``; returns (metrics,
+    run dir)."""
 
     def run(tmp_path: Path, overrides: list[str], method: dict | None = None) -> tuple[dict, Path]:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
         output_dir = tmp_path / "run"
+        cfg = anomaly.compose(overrides, output_dir=output_dir)
         with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
             cfg.paths.data_dir = str(tmp_path.parent / "shared-data")
             cfg.paths.results_db = str(tmp_path / "runs.sqlite")
             if method is not None:  # a method config of the test's own, in place of configs/method/
                 cfg.method = method
-            del cfg.hydra  # as in a real run, where the job config has no hydra node
-        return train(cfg), output_dir
+        return anomaly.run(cfg).metrics, output_dir
 
     return run
 

@@ -3,7 +3,7 @@
 from anomaly.backbones.efficientnet_lite import LITE_VARIANTS, PACKAGED_WEIGHTS, map_lite_keys
 from anomaly.backbones.feature_extractor import BACKBONES, BackboneSpec, FeatureExtractor
 from anomaly.backbones.patch_features import PatchFeatures
-from anomaly.backbones.weights import BackboneWeightsError
+from anomaly.errors import BackboneWeightsError
 
 __all__ = [
     "BACKBONES",

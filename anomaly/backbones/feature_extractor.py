@@ -125,8 +125,10 @@ class FeatureExtractor(nn.Module):
             features = self(torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE))
         for layer, feature in features.items():
             if feature.dim() != 4:
-                raise ValueError(
-                    f"layer {layer!r} gives shape {list(feature.shape)}, not a [B, C, h, w] feature map"
+                raise ConfigError(
+                    f"Layer {layer!r} (backbone.layers) gives shape {list(feature.shape)}, not a "
+                    "[B, C, h, w] feature map: pick convolutional stages, not the pooling or classifier "
+                    "after them."
                 )
         return (
             [feature.shape[1] for feature in features.values()],
@@ -160,20 +162,23 @@ def _what_follows_the_norm(norm: nn.BatchNorm2d) -> nn.Module:
 
 def backbone_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid: {sorted(BACKBONES)}")
+        raise ConfigError(
+            f"Unknown backbone {name!r} (backbone.name): use one of {sorted(BACKBONES)}, "
+            "e.g. backbone=resnet18 (configs/backbone/)."
+        )
     return BACKBONES[name]
 
 
 def check_layers(name: str, layers: list[str], node_names: list[str]) -> None:
     """A layer is a graph node name or a prefix of some (``blocks.1`` = the last node inside ``blocks.1``)."""
     if not layers or len(set(layers)) != len(layers):
-        raise ValueError(f"layers must be distinct and non-empty, got {layers}")
+        raise ConfigError(f"backbone.layers must name at least one layer, each once, got {layers}")
     node_parts = [node.split(".") for node in node_names]
     prefixes = [".".join(parts[:depth]) for parts in node_parts for depth in range(1, len(parts) + 1)]
     unknown = [layer for layer in layers if layer not in set(prefixes)]
     if unknown:
         stages = list(dict.fromkeys(prefix for prefix in prefixes if prefix.count(".") <= 1))
-        raise ValueError(
-            f"unknown layer(s) {unknown} for backbone {name}; valid stage names: {stages} "
-            "(any deeper node from get_graph_node_names works too)"
+        raise ConfigError(
+            f"Unknown layer(s) {unknown} for backbone {name} (backbone.layers): use stage names from "
+            f"{stages} (any deeper node that torch.fx's get_graph_node_names lists works too)."
         )

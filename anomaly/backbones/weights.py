@@ -15,13 +15,9 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
-from anomaly.errors import UserError
+from anomaly.errors import BackboneWeightsError, ConfigError
 
 StateDict = dict[str, Tensor]
-
-
-class BackboneWeightsError(UserError, RuntimeError):
-    """Weights could not be obtained or do not fit the architecture."""
 
 
 def build_torchvision_model(name: str, weights: str | None, weights_path: str | None) -> nn.Module:
@@ -44,7 +40,10 @@ def torchvision_weights(name: str, weights: str) -> WeightsEnum:
         return enum[weights]
     except KeyError:
         valid = [member.name for member in enum]
-        raise ValueError(f"unknown weights {weights!r} for {name}; valid: {valid} or None") from None
+        raise ConfigError(
+            f"Unknown weights {weights!r} for backbone {name} (backbone.weights): use one of {valid}, null "
+            "for random init, or a local file (backbone.weights_path=<.pth state dict>)."
+        ) from None
 
 
 def download_state_dict(weights: WeightsEnum) -> StateDict:

@@ -1,7 +1,2 @@
-"""The command-line entry points (anomaly-train, -predict, -export, -distill-teacher, -check-data).
-
-Importing the package registers the config resolvers that the shipped configs use."""
-
-from anomaly.cli.runtime import register_resolvers
-
-register_resolvers()
+"""The command-line entry points (anomaly-train, -predict, -export, -update, -report, -distill-teacher,
+-check-data): each turns its config into plain values, calls the library and prints what it did."""

@@ -9,7 +9,8 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from anomaly.cli.runtime import CONFIG_PATH, prepare_process, report_user_errors
+from anomaly.cli.runtime import prepare_process, report_user_errors
+from anomaly.config import CONFIG_PATH
 from anomaly.data.datamodule import AnomalyDataModule
 
 

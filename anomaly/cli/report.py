@@ -18,7 +18,14 @@ from anomaly.reports.collect import newest_per_combination, record_row
 from anomaly.reports.database import DATABASE_FILE, read_runs
 from anomaly.reports.html import database_report_html
 from anomaly.reports.plots import save_plots
-from anomaly.reports.tables import markdown_table, overview_tables, summary_markdown, summary_tables
+from anomaly.reports.tables import (
+    VALUES_NOTE,
+    heading,
+    markdown_table,
+    overview_tables,
+    summary_markdown,
+    summary_tables,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +54,9 @@ def write_report(source: Path, out_dir: Path) -> Path:
         (out_dir / f"{dataset}.md").write_text(markdown)
         sections.append((dataset, subset, tables, save_plots(subset, out_dir / "plots" / dataset)))
     overview = overview_tables(rows)
-    lines = ["# All data sets: mean over categories", "", "Values ×100; (n/N): categories run of N.", ""]
+    lines = ["# All data sets: mean over categories", "", f"{VALUES_NOTE} (n/N): categories run of N.", ""]
     for metric, table in overview.items():
-        lines += [f"## {metric}", "", *markdown_table(table), ""]
+        lines += [f"## {heading(metric)}", "", *markdown_table(table), ""]
     (out_dir / "overview.md").write_text("\n".join(lines))
     page = out_dir / "index.html"
     page.write_text(database_report_html(overview, sections, database, out_dir))

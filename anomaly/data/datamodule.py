@@ -2,7 +2,8 @@
 
 A source (MVTec AD, the user's folder, generated data) only says which files are train and test
 samples, and which files it saw and did not use. Everything else is here, once: every file checked
-before any work, the counts logged, a normal-only validation split carved from train, the
+before any work, the counts logged, the *calibration images* (normal images the model does not fit on:
+``calibration_dir``, the data set's own held-out split, or a seeded share of the training images), the
 :class:`Preprocessing` that the model file records, batching.
 """
 
@@ -28,6 +29,8 @@ from anomaly.data.samples import (
     describe_skipped,
     list_images_recursive,
     no_images_error,
+    seeded_order,
+    seeded_split,
 )
 from anomaly.errors import ConfigError, DataError
 
@@ -41,7 +44,7 @@ class Splits(NamedTuple):
 
     train: list[Sample]
     test: list[Sample]
-    validation: Sequence[Sample] = ()
+    calibration: Sequence[Sample] = ()
 
 
 class TrimmedForkDataLoader(DataLoader):
@@ -92,12 +95,15 @@ class ShardSampler(Sampler[int]):
 class AnomalyDataModule(pl.LightningDataModule):
     """Base data module; subclasses implement :meth:`load_samples` and :attr:`name`.
 
-    ``val_fraction`` moves that share of the (normal) training images into a validation split used
-    for calibration only; the test set is never used to fit anything. ``on_bad_file``: ``"error"``
-    stops before any work when a file fails the data check (all problems listed); ``"skip"`` leaves
-    those samples out and lists them (:attr:`bad_files`, and the run's run.json). ``train_in_order``:
-    training images in data-set order instead of shuffled (fit-once methods, whose fit must not depend
-    on how many processes share it).
+    The calibration images (:attr:`calibration_samples`, :attr:`calibration_origin` says where from) are
+    ``calibration_dir``'s, else the data set's own held-out normal images, else ``val_fraction`` of the
+    training images; the test set is never used to fit anything. ``normalization_share``: that share of
+    the calibration images is set aside for a method's own normalisation (:attr:`normalization_samples`,
+    EfficientAD's map quantiles), so that the threshold is calibrated on images independent of it.
+    ``on_bad_file``: ``"error"`` stops before any work when a file fails the data check (all problems
+    listed); ``"skip"`` leaves those samples out and lists them (:attr:`bad_files`, and the run's
+    run.json). ``train_in_order``: training images in data-set order instead of shuffled (fit-once
+    methods, whose fit must not depend on how many processes share it).
 
     On several processes (``trainer=ddp``) every loader holds this rank's share (:class:`ShardSampler`);
     the sample lists stay whole on every rank.
@@ -114,10 +120,13 @@ class AnomalyDataModule(pl.LightningDataModule):
         on_bad_file: str = "error",
         calibration_dir: str | None = None,
         train_in_order: bool = False,
+        normalization_share: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"dataset.val_fraction must be in [0, 1), got {val_fraction}")
+        if not 0.0 <= normalization_share < 1.0:
+            raise ConfigError(f"normalization_share must be in [0, 1), got {normalization_share}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"dataset.batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
@@ -133,8 +142,11 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.on_bad_file = on_bad_file
         self.calibration_dir = Path(calibration_dir).expanduser() if calibration_dir else None
         self.train_in_order = train_in_order
+        self.normalization_share = normalization_share
         self.train_samples: list[Sample] = []
-        self.val_samples: list[Sample] = []  # held-out normal images: the validation split or calibration_dir
+        self.calibration_samples: list[Sample] = []  # normal images that calibrate the threshold
+        self.normalization_samples: list[Sample] = []  # normal images a method normalises on (disjoint)
+        self.calibration_origin: str | None = None  # where the calibration images come from, in words
         self.test_samples: list[Sample] = []
         self.unlabeled: dict[str, list[Sample]] = {}  # test sets without ground truth (unlabeled_sets)
         self.skipped: list[SkippedFile] = []  # seen and not used: other extensions, hidden files, ...
@@ -150,14 +162,11 @@ class AnomalyDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        """Lists and checks every file (once), then splits; raises DataError naming every bad file.
-
-        The held-out normal images are ``calibration_dir``'s, else the data set's own validation split
-        (MVTec AD 2, LOCO), else ``val_fraction`` of the training images."""
+        """Lists and checks every file (once), then splits; raises DataError naming every bad file."""
         if self.train_samples:
             return
-        train, test, validation = self.load_samples()
-        calibration = self._calibration_samples() or list(validation)
+        train, test, own_calibration = self.load_samples()
+        calibration = self._calibration_dir_samples() or list(own_calibration)
         unlabeled = self.unlabeled_sets()
         every = [*train, *test, *calibration, *(s for samples in unlabeled.values() for s in samples)]
         problems = check_samples(every, description=f"Checking {self.name}")
@@ -179,9 +188,19 @@ class AnomalyDataModule(pl.LightningDataModule):
         if not train:
             raise DataError(f"No usable training images in {self.name}.")
         self.test_samples, self.unlabeled = test, unlabeled
-        self.train_samples, self.val_samples = split_validation(train, self.val_fraction, self.seed)
-        if calibration:  # normal images beside the training ones: every training image trains
-            self.train_samples, self.val_samples = train, calibration
+        if self.calibration_dir is not None:  # normal images beside the training ones: all of these train
+            self.calibration_origin = f"dataset.calibration_dir ({self.calibration_dir})"
+        elif calibration:
+            self.calibration_origin = f"the data set's own held-out normal images ({self.name})"
+        else:
+            train, calibration = seeded_split(train, round(len(train) * self.val_fraction), self.seed)
+            if calibration:
+                self.calibration_origin = f"a seeded {self.val_fraction:g} share of the training images"
+        self.train_samples = train
+        self.calibration_samples, self.normalization_samples = calibration, []
+        if self.normalization_share and calibration:
+            count = max(1, round(len(calibration) * self.normalization_share))
+            self.calibration_samples, self.normalization_samples = seeded_split(calibration, count, self.seed)
         log.info(self.summary())
 
     def unlabeled_sets(self) -> dict[str, list[Sample]]:
@@ -196,7 +215,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         data set's evaluation takes, below ``output_dir``; returns the folder to hand to it."""
         raise NotImplementedError
 
-    def _calibration_samples(self) -> list[Sample]:
+    def _calibration_dir_samples(self) -> list[Sample]:
         """The normal images of ``calibration_dir`` (anywhere below it), none without one."""
         if self.calibration_dir is None:
             return []
@@ -211,9 +230,11 @@ class AnomalyDataModule(pl.LightningDataModule):
         """Counts per split and what was not used, for the log."""
         test = Counter(sample.label for sample in self.test_samples)
         masks = sum(sample.mask_path is not None for sample in self.test_samples)
-        held_out = f"{len(self.val_samples)}{' (calibration_dir)' if self.calibration_dir else ''}"
+        calibration = f"{len(self.calibration_samples)}{' (calibration_dir)' if self.calibration_dir else ''}"
+        if self.normalization_samples:
+            calibration += f" (+{len(self.normalization_samples)} for the method's normalisation)"
         lines = [
-            f"Data {self.name}: train {len(self.train_samples)} images, held-out normal {held_out}, "
+            f"Data {self.name}: train {len(self.train_samples)} images, calibration {calibration}, "
             f"test {len(self.test_samples)} ({test[0]} good, {test[1]} defective, {masks} masks)"
             + "".join(
                 f", {name} {len(samples)} (no ground truth)" for name, samples in self.unlabeled.items()
@@ -252,15 +273,19 @@ class AnomalyDataModule(pl.LightningDataModule):
         """The training images in ``folds`` seeded, disjoint folds of (almost) equal size, a loader each."""
         if not 2 <= folds <= len(self.train_samples):
             raise ConfigError(f"threshold.folds must be in [2, {len(self.train_samples)}], got {folds}")
-        order = torch.randperm(len(self.train_samples), generator=torch.Generator().manual_seed(self.seed))
+        order = torch.tensor(seeded_order(len(self.train_samples), self.seed))
         return [
             self._loader([self.train_samples[i] for i in part.tolist()], False) for part in order.chunk(folds)
         ]
 
     def calibration_dataloader(self) -> DataLoader:
-        """The held-out normal images (validation split): thresholds and EfficientAD's map quantiles.
-        Not named ``val_dataloader``: Lightning never validates during fitting here."""
-        return self._loader(self.val_samples, shuffle=False)
+        """The calibration images: the decision thresholds. Not named ``val_dataloader``: Lightning never
+        validates during fitting here."""
+        return self._loader(self.calibration_samples, shuffle=False)
+
+    def normalization_dataloader(self) -> DataLoader:
+        """The normal images a method normalises its maps on (``normalization_share``; EfficientAD)."""
+        return self._loader(self.normalization_samples, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_samples, shuffle=False)
@@ -280,16 +305,3 @@ class CategoryDataModule(AnomalyDataModule):
     @property
     def name(self) -> str:
         return self.category
-
-
-def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Seeded split of normal training samples into (train, validation)."""
-    count = round(len(samples) * fraction)
-    if count == 0:
-        return samples, []
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
-    val_ids = set(order[:count])
-    return (
-        [s for i, s in enumerate(samples) if i not in val_ids],
-        [s for i, s in enumerate(samples) if i in val_ids],
-    )

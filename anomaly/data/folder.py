@@ -10,8 +10,6 @@ every defective image needs one (the data check names those without).
 
 from pathlib import Path
 
-import torch
-
 from anomaly.data.datamodule import AnomalyDataModule, Splits
 from anomaly.data.samples import (
     Sample,
@@ -20,6 +18,7 @@ from anomaly.data.samples import (
     list_images,
     no_images_error,
     require_dir,
+    seeded_split,
 )
 
 LAYOUT_HINT = "Expected <root>/good with normal images (see README, 'Your data')."
@@ -66,13 +65,7 @@ class Folder(AnomalyDataModule):
 
     def _hold_out(self, normal: list[Path]) -> tuple[list[Path], list[Path]]:
         """Seeded split of the normal images into training and test."""
-        count = round(len(normal) * self.normal_test_fraction)
-        order = torch.randperm(len(normal), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        test_ids = set(order[:count])
-        return (
-            [p for i, p in enumerate(normal) if i not in test_ids],
-            [p for i, p in enumerate(normal) if i in test_ids],
-        )
+        return seeded_split(normal, round(len(normal) * self.normal_test_fraction), self.seed)
 
     def _defective(self) -> list[Sample]:
         """Defective samples; with any mask present, each gets its mask or the path it should have."""

@@ -40,7 +40,7 @@ class Layout:
     ground_truth: str = "ground_truth"  # ground_truth/<defect type>/ holds the masks
     mask_suffix: str = "_mask"  # how a missing mask is named in errors: <stem><mask_suffix>.png
     mask_folders: bool = False  # ground_truth/<defect type>/<stem>/ holds several masks: their union
-    validation: str | None = None  # normal images the data set holds out itself (calibration only)
+    calibration: str | None = None  # normal images the data set holds out itself (its validation split)
     hint: str = DOWNLOAD_HINT  # where to get the data set
 
 
@@ -65,9 +65,10 @@ def layout_samples(
     train = _normal_samples(category_dir / layout.train, "Training images", layout, skipped)
     if not train:
         raise no_images_error(category_dir / layout.train, skipped or [], layout.hint)
-    validation = []
-    if layout.validation is not None:
-        validation = _normal_samples(category_dir / layout.validation, "Validation images", layout, skipped)
+    calibration = []
+    if layout.calibration is not None:
+        folder = category_dir / layout.calibration
+        calibration = _normal_samples(folder, "Calibration images", layout, skipped)
     test_dir = require_dir(category_dir / layout.test, f"Test split of '{category}'", layout.hint)
     ground_truth = category_dir / layout.ground_truth
     test, used_masks = [], set()
@@ -92,7 +93,7 @@ def layout_samples(
         for mask_dir in sorted(p for p in ground_truth.iterdir() if p.is_dir()):
             unused = [mask for mask in _masks(mask_dir, layout, None).values() if mask not in used_masks]
             skipped += [SkippedFile(mask, "mask without a test image") for mask in unused]
-    return Splits(train, test, validation)
+    return Splits(train, test, calibration)
 
 
 def _normal_samples(

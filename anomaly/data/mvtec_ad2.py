@@ -26,7 +26,7 @@ AD2_LAYOUT = Layout(
     test="test_public",
     ground_truth="test_public/ground_truth",
     good="good",
-    validation="validation/good",
+    calibration="validation/good",
     hint="Download MVTec AD 2 from mvtec.com/company/research/datasets/mvtec-ad-2, extract it and pass "
     "dataset.root=<folder holding the object folders>.",
 )

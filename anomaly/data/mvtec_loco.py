@@ -11,7 +11,7 @@ from anomaly.data.mvtec import Layout, MVTecAD
 
 LOCO_CATEGORIES = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors")
 LOCO_LAYOUT = Layout(
-    validation="validation/good",
+    calibration="validation/good",
     mask_folders=True,
     hint="Download MVTec LOCO AD from mvtec.com/company/research/datasets/mvtec-loco, extract it and pass "
     "dataset.root=<folder holding the category folders>.",

@@ -1,12 +1,17 @@
 """A data set is a table of samples; listing a folder records every file it does not use, and why."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+import torch
 
 from anomaly.data.decode import IMAGE_EXTENSIONS
 from anomaly.errors import DataError
 
 MASK_SUFFIXES = ("_mask", "-mask", "")  # <stem>_mask.png, <stem>-mask.png or <stem>.png, in this order
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -119,3 +124,14 @@ def no_images_error(folder: Path, skipped: list[SkippedFile], fix: str) -> DataE
     here = [f for f in skipped if f.path.parent == folder]
     found = f" It holds {describe_skipped(here)}." if here else " It is empty."
     return DataError(f"No images in {folder}.{found} {fix}")
+
+
+def seeded_order(count: int, seed: int) -> list[int]:
+    """A permutation of ``range(count)`` from ``seed``: every seeded split and fold of the data sets."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def seeded_split(items: Sequence[T], count: int, seed: int) -> tuple[list[T], list[T]]:
+    """``(kept, held_out)``: ``count`` of ``items`` drawn by :func:`seeded_order`; both keep their order."""
+    held = set(seeded_order(len(items), seed)[:count])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]

@@ -13,7 +13,7 @@ import json
 import shutil
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +21,11 @@ from PIL import Image
 from scipy import ndimage
 
 from anomaly.data.datamodule import Splits
-from anomaly.data.mvtec import MVTecAD
+from anomaly.data.mvtec import MVTEC_AD, MVTecAD
+from anomaly.errors import ConfigError, OccupiedFolderError
 
 CATEGORIES: tuple[str, ...] = ("fabric", "tile", "washer", "specks")
+BENCHMARK_CATEGORIES = CATEGORIES[:3]  # experiment=benchmark_synthetic (specks is for tiling)
 DEFECT_TYPES = ("scratch", "crack", "hole", "stain", "missing", "contamination", "color", "speck")
 
 _CATEGORY_DEFECTS: dict[str, tuple[str, ...]] = {
@@ -32,7 +34,7 @@ _CATEGORY_DEFECTS: dict[str, tuple[str, ...]] = {
     "washer": ("scratch", "crack", "missing", "contamination", "color"),
     "specks": ("speck",),  # fabric with particles of a few pixels at any image size: for tiling
 }
-_SPLITS = {"train": 0, "test_good": 1, "test_defect": 2}
+_SPLITS = {"train": 0, "test_good": 1, "test_defect": 2, "calibration": 3}
 _GENERATOR_VERSION = 1  # bump when the images change, so that ensure_dataset regenerates old data
 _MARKER = ".complete"
 
@@ -71,14 +73,17 @@ def generate_dataset(
     n_test_defect: int = 25,
     image_size: int = 256,
     seed: int = 0,
+    n_calibration: int = 0,
 ) -> Path:
-    """Writes ``<root>/<category>/{train/good, test/good, test/<defect>, ground_truth/<defect>}``.
+    """Writes ``<root>/<category>/{train/good, test/good, test/<defect>, ground_truth/<defect>}``, and with
+    ``n_calibration`` normal calibration images ``validation/good`` (as MVTec LOCO and AD 2 hold them).
 
     Each category is built in a hidden staging folder and moved into place with its ``.complete`` marker,
     so an interrupted run never leaves a half category where a loader would find it. Returns ``root``.
     """
     root = Path(root)
-    for params in [_parameters(c, n_train, n_test_good, n_test_defect, image_size, seed) for c in categories]:
+    counts = (n_train, n_test_good, n_test_defect)
+    for params in [_parameters(c, *counts, image_size, seed, n_calibration) for c in categories]:
         category = params["category"]
         staging = root / f".{category}.partial"
         shutil.rmtree(staging, ignore_errors=True)
@@ -97,6 +102,7 @@ def ensure_dataset(
     n_test_defect: int = 25,
     image_size: int = 256,
     seed: int = 0,
+    n_calibration: int = 0,
 ) -> Path:
     """Generates the categories whose ``.complete`` marker is missing or records other parameters.
 
@@ -107,36 +113,55 @@ def ensure_dataset(
     for category in categories:
         folder = root / category
         if folder.is_dir() and any(folder.iterdir()) and _read_marker(folder) is None:
-            raise FileExistsError(
-                f"{folder} exists but was not written by the generator (no {_MARKER} marker); "
-                "move it away or pass another dataset.root."
+            raise OccupiedFolderError(
+                f"{folder} exists but was not written by the generator (no {_MARKER} marker), so it is not "
+                "replaced: move it away or pass another dataset.root."
             )
     stale = [
         category
         for category in categories
         if _read_marker(root / category)
-        != _parameters(category, n_train, n_test_good, n_test_defect, image_size, seed)
+        != _parameters(category, n_train, n_test_good, n_test_defect, image_size, seed, n_calibration)
     ]
     if stale:
-        generate_dataset(root, stale, n_train, n_test_good, n_test_defect, image_size, seed)
+        generate_dataset(root, stale, n_train, n_test_good, n_test_defect, image_size, seed, n_calibration)
     return root
 
 
 def _parameters(
-    category: str, n_train: int, n_test_good: int, n_test_defect: int, image_size: int, seed: int
+    category: str,
+    n_train: int,
+    n_test_good: int,
+    n_test_defect: int,
+    image_size: int,
+    seed: int,
+    n_calibration: int = 0,
 ) -> dict:
     """Validated generation parameters of one category: also the content of its marker."""
     if category not in CATEGORIES:
-        raise ValueError(f"unknown synthetic category {category!r}; valid: {list(CATEGORIES)}")
+        raise ConfigError(
+            f"unknown synthetic category {category!r} (dataset.category): use one of {list(CATEGORIES)}, or "
+            "dataset=folder / dataset=mvtec for your own images."
+        )
     if n_train < 1 or n_test_good < 0 or n_test_defect < 0 or n_test_good + n_test_defect < 1:
-        raise ValueError("need n_train >= 1, n_test_good >= 0, n_test_defect >= 0 and some test image")
+        raise ConfigError(
+            "The synthetic data set needs dataset.n_train >= 1, dataset.n_test_good >= 0, "
+            f"dataset.n_test_defect >= 0 and at least one test image, got {n_train}, {n_test_good}, "
+            f"{n_test_defect}."
+        )
+    if n_calibration < 0:
+        raise ConfigError(f"dataset.n_calibration must be >= 0, got {n_calibration}")
     if image_size < 32 or seed < 0:
-        raise ValueError(f"need image_size >= 32 and seed >= 0, got {image_size} and {seed}")
+        raise ConfigError(
+            "The synthetic data set needs dataset.generated_size >= 32 and dataset.generation_seed >= 0, "
+            f"got {image_size} and {seed}."
+        )
     return {
         "category": category,
         "n_train": n_train,
         "n_test_good": n_test_good,
         "n_test_defect": n_test_defect,
+        "n_calibration": n_calibration,
         "image_size": image_size,
         "seed": seed,
         "version": _GENERATOR_VERSION,
@@ -152,8 +177,9 @@ def _read_marker(folder: Path) -> dict | None:
 
 def _write_category(folder: Path, params: dict) -> None:
     category, size, seed = params["category"], params["image_size"], params["seed"]
-    for split, subfolder in (("train", "train/good"), ("test_good", "test/good")):
-        for index in range(params[f"n_{split}"]):
+    normal = (("train", "train/good"), ("test_good", "test/good"), ("calibration", "validation/good"))
+    for split, subfolder in normal:
+        for index in range(params.get(f"n_{split}", 0)):
             rng = _image_rng(seed, category, split, index)
             image = _photograph(rng, _RENDERERS[category](rng, size).image)
             _save_png(image, folder / subfolder / f"{index:03d}.png")
@@ -474,7 +500,12 @@ _DEFECTS: dict[str, Callable[[np.random.Generator, _Scene], tuple[np.ndarray, np
 
 
 class SyntheticAD(MVTecAD):
-    """The generated data set as a data module: generated on first use, then read like MVTec AD."""
+    """The generated data set as a data module: generated on first use, then read like MVTec AD.
+
+    ``n_calibration`` generated normal images calibrate the threshold (as a data set's own held-out normal
+    images: then every training image trains); more cost nothing but seconds, and a 1 % false-alarm budget
+    at 95 % confidence needs at least 299.
+    """
 
     def __init__(
         self,
@@ -485,6 +516,7 @@ class SyntheticAD(MVTecAD):
         n_test_defect: int = 25,
         generated_size: int = 256,
         generation_seed: int = 0,
+        n_calibration: int = 0,
         **loader_options,
     ) -> None:
         super().__init__(root, category, **loader_options)
@@ -494,7 +526,10 @@ class SyntheticAD(MVTecAD):
             "n_test_defect": n_test_defect,
             "image_size": generated_size,
             "seed": generation_seed,
+            "n_calibration": n_calibration,
         }
+        if n_calibration:
+            self.layout = replace(MVTEC_AD, calibration="validation/good")
 
     def load_samples(self) -> Splits:
         ensure_dataset(self.root, [self.category], **self.generation)

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from anomaly.errors import require
+
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}  # format -> suffix replacing .safetensors
 INPUT_NAME, OUTPUT_NAMES = "images", ("anomaly_map", "image_score")
 METADATA_KEY = "anomaly_export"  # ONNX metadata_props key / TorchScript extra file: the JSON contract
@@ -32,7 +34,9 @@ def export_onnx(
     module: nn.Module, example: Tensor, path: Path, opset: int, dynamic_batch: bool, metadata: dict
 ) -> None:
     """torch.export + the ONNX translation (CPU); the JSON contract goes into ``metadata_props``."""
-    import onnx
+    purpose, instead = "Exporting to ONNX (format=onnx)", "export with format=torchscript"
+    onnx = require("onnx", "onnx", purpose, instead)
+    require("onnxscript", "onnxscript", purpose, instead)  # torch.onnx.export's translator
 
     module, example = copy.deepcopy(module).cpu(), example.cpu()
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
@@ -83,7 +87,7 @@ def export_torchscript(module: nn.Module, example: Tensor, path: Path, metadata:
 def load_exported(path: Path, fmt: str, device: torch.device) -> Run:
     """``uint8 images -> (map, score)`` running the written file as a user would."""
     if fmt == "onnx":
-        import onnxruntime
+        onnxruntime = require("onnxruntime", "onnxruntime", "Running an ONNX file (format=onnx)")
 
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():

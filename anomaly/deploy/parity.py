@@ -14,10 +14,7 @@ from torchvision.transforms import v2
 from anomaly.data.decode import read_image
 from anomaly.data.preprocessing import Preprocessing
 from anomaly.deploy.formats import Run
-
-
-class ParityError(RuntimeError):
-    """The exported model's outputs differ from the eager model's beyond the tolerance."""
+from anomaly.errors import ParityError
 
 
 @dataclass
@@ -36,7 +33,11 @@ class Parity:
         for name, got, want in zip(("map", "score"), exported, eager, strict=True):
             got, want = got.double().cpu(), want.double().cpu()
             if got.shape != want.shape:
-                raise ParityError(f"exported {name} shape {list(got.shape)} != eager {list(want.shape)}")
+                raise ParityError(
+                    f"The exported model's {name} has shape {list(got.shape)}, the eager model's "
+                    f"{list(want.shape)}: the file is not written. Export the other format (format=onnx or "
+                    "format=torchscript), or a fixed batch size (batch=<n>)."
+                )
             diff = (got - want).abs()
             rel = (diff / want.abs())[want != 0]
             largest_rel = float(rel.max()) if rel.numel() else 0.0

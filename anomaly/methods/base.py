@@ -16,7 +16,7 @@ resizes them instead of failing on the shape mismatch. The Lightning glue for bo
 :mod:`anomaly.methods.lightning`.
 """
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -93,6 +93,9 @@ class TrainedModel(AnomalyModel):
     # constructor values needed to train but not to rebuild a trained model from its file (which holds
     # their result, e.g. EfficientAD's teacher weights): a loaded model gets None for them
     training_only_arguments: ClassVar[tuple[str, ...]] = ()
+    # the share of the calibration images that ``finalize`` gets, disjoint from those that calibrate the
+    # threshold (whose guarantee needs scores independent of the model's own normalisation)
+    normalization_share: ClassVar[float] = 0.0
 
     @property
     def trained_model(self) -> "TrainedModel":
@@ -107,7 +110,8 @@ class TrainedModel(AnomalyModel):
         """Before the first step: statistics over the training images (batches ``[B, 3, H, W]``)."""
 
     def finalize(self, batches: Iterable[Tensor]) -> None:
-        """After the last step: what scoring needs from held-out normal images (never test images)."""
+        """After the last step: what scoring needs from normal images the model did not train on (the data
+        module's ``normalization_samples``, never test images)."""
 
 
 def non_finite_paths(output: AnomalyOutput, paths: Sequence[str]) -> list[str]:
@@ -129,6 +133,20 @@ def check_finite(output: AnomalyOutput, paths: Sequence[str]) -> None:
     """Raises :func:`non_finite_error` if any image of the batch scored NaN or infinity."""
     if bad := non_finite_paths(output, paths):
         raise non_finite_error(bad)
+
+
+def score_batches(
+    model: nn.Module, loader: Iterable[dict], device: torch.device | str
+) -> Iterator[tuple[dict, AnomalyOutput]]:
+    """Each batch of ``loader`` (``"image"`` ``[B, 3, H, W]``, ``"path"`` its B files) with the model's
+    output on ``device``, in eval mode and without gradients; an image scored NaN or infinity is a
+    DataError naming it (:func:`check_finite`)."""
+    model.eval()
+    for batch in loader:
+        with torch.no_grad():
+            output = model(batch["image"].to(device))
+        check_finite(output, batch["path"])
+        yield batch, output
 
 
 def register_fitted_buffer(module: nn.Module, name: str) -> None:

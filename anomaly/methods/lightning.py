@@ -2,9 +2,11 @@
 
 The pure torch model does the work; these modules only feed it batches. :class:`FitOnceModule` serves
 every fit-once method and :class:`TrainedModule` every trained one (a method's own module only names its
-optimisers). Scoring is shared: ``predict_step`` scores images (``anomaly-train`` calibrates its
-threshold on normal images this way, after fitting), ``test_step`` collects the test metrics.
+optimisers). Scoring a fitted model is one module for every method, :class:`ScoringModule`: its
+``predict_step`` gives the calibration scores, its test loop the metrics (returned as a :class:`TestResult`).
 """
+
+from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -19,8 +21,6 @@ from anomaly.methods.base import (
     non_finite_paths,
 )
 from anomaly.metrics import Evaluator
-from anomaly.metrics.evaluator import DEFAULT_EXACT_PIXEL_LIMIT
-from anomaly.metrics.histogram import DEFAULT_BINS
 
 
 class DDPStrategy(pl.strategies.DDPStrategy):
@@ -37,28 +37,42 @@ class DDPStrategy(pl.strategies.DDPStrategy):
 
 
 class AnomalyModule(pl.LightningModule):
-    """Scores images; :attr:`test_metrics` and :attr:`examples` are read by the entry point afterwards.
+    """What a method's Lightning module holds: the pure torch model that it fits."""
 
-    Before testing, the entry point sets :attr:`threshold` and :attr:`pixel_threshold` (calibrated on
-    normal images, or None), :attr:`example_ids` (test-set positions kept for heatmaps),
-    :attr:`pixel_metrics`, :attr:`aupro_fpr_limit` and the evaluator's :attr:`exact_pixel_limit` and
-    :attr:`histogram_bins`.
-    """
-
-    def __init__(self, model: AnomalyModel, num_examples: int = 8) -> None:
+    def __init__(self, model: AnomalyModel) -> None:
         super().__init__()
         self.model = model
-        self.num_examples = num_examples
-        self.threshold: float | None = None
-        self.pixel_threshold: float | None = None
-        self.aupro_fpr_limit = 0.3
-        self.exact_pixel_limit = DEFAULT_EXACT_PIXEL_LIMIT  # pixel metrics binned above (Evaluator)
-        self.histogram_bins = DEFAULT_BINS
-        self.example_ids: set[int] = set()
-        self.pixel_metrics = True
-        self.test_metrics: dict[str, float] = {}
-        self.examples: list[dict] = []
-        self._evaluator: Evaluator | None = None
+
+
+class TestResult(NamedTuple):
+    """What testing returns: the metrics over every rank's images, and the heatmap examples."""
+
+    metrics: dict[str, float]
+    examples: list[dict]  # image, mask, anomaly_map, score, label, path of the kept test images
+
+
+class ScoringModule(pl.LightningModule):
+    """Scores a fitted model's images: ``predict_step`` for calibration, the test loop for the metrics.
+
+    Built per use with everything it needs: the ``evaluator`` (the metrics' settings), the calibrated
+    ``thresholds`` (image, pixel; None: no decision metrics) and ``example_ids`` (test-set positions whose
+    maps are kept for heatmaps); :attr:`result` holds what a test returned, once it ended.
+    """
+
+    def __init__(
+        self,
+        model: AnomalyModel,
+        evaluator: Evaluator | None = None,
+        thresholds: tuple[float | None, float | None] = (None, None),
+        example_ids: frozenset[int] = frozenset(),
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.evaluator = evaluator
+        self.thresholds = thresholds
+        self.example_ids = example_ids
+        self.result: TestResult | None = None
+        self._examples: list[dict] = []
         self._seen = 0
         self._non_finite: list[str] = []  # test images that scored NaN or infinity
 
@@ -73,10 +87,9 @@ class AnomalyModule(pl.LightningModule):
         }
 
     def on_test_start(self) -> None:
-        self._evaluator = Evaluator(
-            self.pixel_metrics, self.aupro_fpr_limit, self.exact_pixel_limit, self.histogram_bins
-        )
-        self.examples, self._seen, self._non_finite = [], 0, []
+        if self.evaluator is None:
+            raise RuntimeError("ScoringModule needs an evaluator to test")
+        self._examples, self._seen, self._non_finite = [], 0, []
         if distributed.is_distributed():  # this rank scores its block of the test set
             total = len(self.trainer.datamodule.test_samples)
             self._seen = distributed.block_range(total, distributed.world_size(), distributed.rank()).start
@@ -86,10 +99,10 @@ class AnomalyModule(pl.LightningModule):
         if bad := non_finite_paths(output, batch["path"]):  # raised at the end, on every rank at once
             self._non_finite += bad
             return
-        self._evaluator.update(output.image_score, batch["label"], output.anomaly_map, batch["mask"])
+        self.evaluator.update(output.image_score, batch["label"], output.anomaly_map, batch["mask"])
         for i in range(len(output.image_score)):
             if self._seen + i in self.example_ids:
-                self.examples.append(
+                self._examples.append(
                     {
                         "image": batch["image"][i].cpu(),
                         "mask": batch["mask"][i].cpu(),
@@ -104,18 +117,17 @@ class AnomalyModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         if non_finite := distributed.gather_objects(self._non_finite):
             raise non_finite_error(non_finite)
-        self.test_metrics = self._evaluator.compute(self.threshold, self.pixel_threshold)  # over all ranks
-        self._evaluator = None
-        self.examples = distributed.gather_objects(self.examples)
+        metrics = self.evaluator.compute(*self.thresholds)  # over all ranks
+        self.result = TestResult(metrics, distributed.gather_objects(self._examples))
         # identical on every rank (computed over all of them): syncing averages equal values
-        self.log_dict({f"test/{k}": v for k, v in self.test_metrics.items()}, sync_dist=True)
+        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=True)
 
 
 class FitOnceModule(AnomalyModule):
     """Feeds every training batch to ``model.collect`` for one epoch, then calls ``model.fit`` once."""
 
-    def __init__(self, model: FitOnceModel, num_examples: int = 8) -> None:
-        super().__init__(model, num_examples)
+    def __init__(self, model: FitOnceModel) -> None:
+        super().__init__(model)
         self.automatic_optimization = False
 
     def on_train_epoch_start(self) -> None:
@@ -136,14 +148,15 @@ class FitOnceModule(AnomalyModule):
 class TrainedModule(AnomalyModule):
     """Optimises ``model.training_loss(images)`` (a dict with the total under ``"loss"``).
 
-    ``model.prepare`` gets the training images before the first step and ``model.finalize`` the held-out
-    normal images (the data module's ``calibration_dataloader``) after the last. Manual optimisation, so
-    methods with several optimisers (SimpleNet: adaptor and discriminator) need no special casing: every
-    optimiser and scheduler that ``configure_optimizers`` returns is stepped once per batch.
+    ``model.prepare`` gets the training images before the first step and ``model.finalize`` the normal
+    images set aside for its normalisation (the data module's ``normalization_dataloader``) after the last.
+    Manual optimisation, so methods with several optimisers (SimpleNet: adaptor and discriminator) need
+    no special casing: every optimiser and scheduler that ``configure_optimizers`` returns is stepped once
+    per batch.
     """
 
-    def __init__(self, model: TrainedModel, num_examples: int = 8) -> None:
-        super().__init__(model, num_examples)
+    def __init__(self, model: TrainedModel) -> None:
+        super().__init__(model)
         self.automatic_optimization = False
 
     def on_train_start(self) -> None:
@@ -173,7 +186,7 @@ class TrainedModule(AnomalyModule):
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad(), self.trainer.precision_plugin.forward_context():
-            self.model.finalize(self._images(self.trainer.datamodule.calibration_dataloader()))
+            self.model.finalize(self._images(self.trainer.datamodule.normalization_dataloader()))
         self.model.train(was_training)
 
     def _images(self, loader) -> object:

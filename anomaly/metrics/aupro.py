@@ -12,6 +12,8 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from anomaly.errors import UndefinedMetricError
+
 # 8-connectivity within each image and none across images: a 3D structure whose only
 # non-zero plane is the middle one labels every [H, W] slice as ndimage.label(mask, np.ones((3, 3))).
 _PER_IMAGE_8_CONNECTIVITY = np.zeros((3, 3, 3), dtype=bool)
@@ -72,7 +74,10 @@ def _flatten_and_label(anomaly_maps: Tensor, masks: Tensor) -> tuple[Tensor, Ten
         raise ValueError("anomaly maps contain NaN")
     regions, num_regions = label_regions(masks)
     if num_regions == 0:
-        raise ValueError("AUPRO needs at least one defect region, but every mask is empty")
+        raise UndefinedMetricError(
+            "AUPRO needs at least one defect region, but every mask is empty: check the ground-truth mask "
+            "files (a defect is any non-zero pixel)."
+        )
     return scores, regions, num_regions
 
 
@@ -93,8 +98,9 @@ def _roc_and_pro_curves(scores: Tensor, regions: Tensor, num_regions: int) -> tu
     region_sizes = torch.bincount(regions, minlength=num_regions + 1)
     num_normal = int(region_sizes[0])
     if num_normal == 0:
-        raise ValueError(
-            "AUPRO needs defect-free pixels to count false positives, but every pixel is a defect"
+        raise UndefinedMetricError(
+            "AUPRO needs defect-free pixels to count false positives, but every pixel is a defect: check the "
+            "ground-truth mask files (a defect is any non-zero pixel)."
         )
     pro_step = 1.0 / (region_sizes.double() * num_regions)
     pro_step[0] = 0.0

@@ -8,7 +8,7 @@ from torchmetrics.functional.classification import binary_auroc, binary_precisio
 
 from anomaly import distributed
 from anomaly.calibration import metrics_at_threshold
-from anomaly.errors import ConfigError
+from anomaly.errors import ConfigError, UndefinedMetricError
 from anomaly.metrics.aupro import pixel_auroc_and_aupro, pixel_decisions
 from anomaly.metrics.histogram import DEFAULT_BINS, PixelHistogram
 
@@ -123,7 +123,9 @@ class Evaluator:
         with a ``threshold`` (calibrated on normal images, never on this set) also precision, recall, F1
         and false-alarm rate at it; with a ``pixel_threshold`` the quality of the masks ``map >
         pixel_threshold``: :func:`pixel_decisions`, and on the good images the share with any pixel
-        above it and the mean share of their pixels above it. Raises ``ValueError`` when a metric is
+        above it and the mean share of their pixels above it. Each key is one of
+        :data:`anomaly.metrics.registry.METRICS`, which tells the reports how to show it: a new metric is
+        an entry there and its computation here. Raises ``UndefinedMetricError`` when a metric is
         undefined, e.g. when the test set holds only one class.
         """
         with_pixels, num_pixels, map_shape = self._agree_on_layout()
@@ -249,10 +251,18 @@ def _gather(local: Tensor) -> Tensor:
     return distributed.all_gather_rows(local.to(distributed.collective_device())).cpu()
 
 
+_BOTH_CLASSES_FIX = {
+    "images": "the test set needs good and defective images.",
+    "pixels": "the defective images' masks must mark some pixels (any non-zero value) and not all of them: "
+    "check the ground-truth mask files.",
+}
+
+
 def _require_both_classes(num_good: int, num_defective: int, metrics: str, items: str) -> None:
     if num_good == 0 or num_defective == 0:
-        raise ValueError(
-            f"{metrics} need both classes, got {num_good} good, {num_defective} defective {items}"
+        raise UndefinedMetricError(
+            f"{metrics} need both classes, got {num_good} good, {num_defective} defective {items}: "
+            f"{_BOTH_CLASSES_FIX[items]}"
         )
 
 

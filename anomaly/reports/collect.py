@@ -2,13 +2,17 @@
 
 from pathlib import Path
 
+from anomaly.metrics.registry import reported_metrics
 from anomaly.reports.records import RECORD_FILE, RunRecord
 
-METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max")
-COLUMNS = (
-    "method", "backbone", "variant", "dataset", "category", "seed", "status", *METRICS,
-    "fit_seconds", "test_seconds", "peak_rss_mb", "run_dir", "error",
-)  # fmt: skip
+RUN_COLUMNS = ("method", "backbone", "variant", "dataset", "category", "seed", "status")
+TIMING_COLUMNS = ("fit_seconds", "test_seconds", "peak_rss_mb")
+
+
+def columns() -> tuple[str, ...]:
+    """results.csv's and the wandb results table's columns: the run, each reported metric, its timings,
+    its folder and its error."""
+    return (*RUN_COLUMNS, *(metric.key for metric in reported_metrics()), *TIMING_COLUMNS, "run_dir", "error")
 
 
 def read_row(run_dir: Path) -> dict | None:

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
+from anomaly.metrics.registry import Metric
 from anomaly.reports.collect import method_label, one_line
-from anomaly.reports.tables import Table
+from anomaly.reports.tables import VALUES_NOTE, Table, heading
 
 STYLE = (
     "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
@@ -17,12 +18,13 @@ STYLE = (
 
 
 def report_html(
-    rows: list[dict], tables: dict[str, Table], notes: Sequence[str], plots: list[Path], sweep_dir: Path
+    rows: list[dict], tables: dict[Metric, Table], notes: Sequence[str], plots: list[Path], sweep_dir: Path
 ) -> str:
     """A sweep's page: its tables, plots and every run with its heatmaps."""
     n_failed = sum(r["status"] != "ok" for r in rows)
     body = [
-        f"<h1>Benchmark report</h1><p>{html.escape(str(sweep_dir))}: {len(rows)} runs, {n_failed} failed.</p>"
+        f"<h1>Benchmark report</h1><p>{html.escape(str(sweep_dir))}: {len(rows)} runs, {n_failed} failed. "
+        f"{VALUES_NOTE}</p>"
     ]
     body += [f"<p class='note'>{html.escape(note)}</p>" for note in notes]
     body += [section_html(tables, plots, sweep_dir, level=2), runs_html(rows, sweep_dir)]
@@ -30,8 +32,8 @@ def report_html(
 
 
 def database_report_html(
-    overview: dict[str, Table],
-    sections: Sequence[tuple[str, list[dict], dict[str, Table], list[Path]]],
+    overview: dict[Metric, Table],
+    sections: Sequence[tuple[str, list[dict], dict[Metric, Table], list[Path]]],
     source: Path,
     page_dir: Path,
 ) -> str:
@@ -39,10 +41,12 @@ def database_report_html(
     runs = sum(len(rows) for _, rows, _, _ in sections)
     body = [
         f"<h1>Results across benchmarks</h1><p>{html.escape(str(source))}: {runs} runs on "
-        f"{len(sections)} data set(s). Values ×100, mean ± std over seeds; (n/N): categories run of N.</p>",
+        f"{len(sections)} data set(s). {VALUES_NOTE} (n/N): categories run of N.</p>",
         "<h2 id='overview'>All data sets: mean over categories</h2>",
     ]
-    body += [f"<h3>{metric}</h3>" + html_table(*table) for metric, table in overview.items()]
+    body += [
+        f"<h3>{html.escape(heading(metric))}</h3>" + html_table(*table) for metric, table in overview.items()
+    ]
     for name, rows, tables, plots in sections:
         anchor = html.escape(name)
         body.append(f"<h2 id='{anchor}'>{anchor}</h2>")
@@ -50,8 +54,11 @@ def database_report_html(
     return page("anomaly results", body)
 
 
-def section_html(tables: dict[str, Table], plots: list[Path], page_dir: Path, level: int) -> str:
-    parts = [f"<h{level}>{metric} (×100)</h{level}>" + html_table(*table) for metric, table in tables.items()]
+def section_html(tables: dict[Metric, Table], plots: list[Path], page_dir: Path, level: int) -> str:
+    parts = [
+        f"<h{level}>{html.escape(heading(metric))}</h{level}>" + html_table(*table)
+        for metric, table in tables.items()
+    ]
     parts += [
         f'<h{level}>{p.stem}</h{level}><img class="plot" src="{link(p, page_dir)}" alt="{p.stem}">'
         for p in plots

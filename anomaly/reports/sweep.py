@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
+from anomaly.metrics.registry import Metric
 from anomaly.reports.collect import collect_runs
 from anomaly.reports.html import report_html
 from anomaly.reports.plots import save_plots
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def write_reports(
     sweep_dir: Path, notes: Sequence[str] = ()
-) -> tuple[list[dict], dict[str, Table], list[Path]]:
+) -> tuple[list[dict], dict[Metric, Table], list[Path]]:
     """results.csv, summary.md, plots/ and report.html into ``sweep_dir``; returns (rows, tables, plots)."""
     rows, repeats = collect_runs(sweep_dir)
     if repeats:

@@ -1,4 +1,5 @@
-"""Results as tables: results.csv, and per metric a categories × methods table with the papers' numbers."""
+"""Results as tables: results.csv, and per reported metric (anomaly/metrics/registry.py) a categories ×
+methods table with the papers' numbers."""
 
 import csv
 from collections.abc import Sequence
@@ -12,7 +13,8 @@ from anomaly.data.mvtec import MVTEC_CATEGORIES
 from anomaly.data.mvtec_ad2 import AD2_CATEGORIES
 from anomaly.data.mvtec_loco import LOCO_CATEGORIES
 from anomaly.data.visa import VISA_CATEGORIES
-from anomaly.reports.collect import COLUMNS, METRICS, method_label, one_line
+from anomaly.metrics.registry import Metric, reported_metrics
+from anomaly.reports.collect import columns, method_label, one_line
 
 REFERENCES_FILE = Path(__file__).with_name("paper_results.yaml")
 BENCHMARK_CATEGORIES = {  # data set config -> all its categories: a published mean needs all of them run
@@ -23,11 +25,12 @@ BENCHMARK_CATEGORIES = {  # data set config -> all its categories: a published m
     "mvtec_ad2": AD2_CATEGORIES,
 }
 Table = tuple[list[str], list[list[str]]]  # header, body rows
+VALUES_NOTE = "Mean ± std over seeds; (%): shares ×100; ↑/↓: higher/lower is better."
 
 
 def write_results_csv(rows: list[dict], path: Path) -> None:
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=columns(), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -41,11 +44,21 @@ def aggregate(rows: list[dict], metric: str) -> dict[tuple[str, str], dict[int, 
     return table
 
 
-def format_cell(values: Sequence[float]) -> str:
-    """×100 with one decimal; mean ± sample std when there are several seeds."""
-    if len(values) == 1:
-        return f"{100 * values[0]:.1f}"
-    return f"{100 * mean(values):.1f} ± {100 * stdev(values):.1f}"
+def format_cell(values: Sequence[float], metric: Metric) -> str:
+    """The mean, ± the sample std when there are several seeds, each as :func:`format_value` shows it."""
+    cell = format_value(mean(values), metric)
+    return cell if len(values) == 1 else f"{cell} ± {format_value(stdev(values), metric)}"
+
+
+def format_value(value: float, metric: Metric) -> str:
+    """One value as the tables show ``metric``: a share ×100 with one decimal, else 4 significant digits."""
+    return f"{100 * value:.1f}" if metric.percent else f"{value:.4g}"
+
+
+def heading(metric: Metric) -> str:
+    """A metric table's title: its key (as in metrics.json), label, unit and which way is better."""
+    better = {True: " ↑", False: " ↓", None: ""}[metric.higher_is_better]
+    return f"{metric.key}: {metric.label}{' (%)' if metric.percent else ''}{better}"
 
 
 def load_references() -> dict:
@@ -89,8 +102,8 @@ def column_mean(values: dict, categories: list[str], label: str) -> list[float] 
     return [mean(v[s] for v in per_category) for s in seeds] or None
 
 
-def summary_tables(rows: list[dict]) -> dict[str, Table]:
-    """Per metric: categories × method labels (×100, mean ± std over seeds), a mean row, and the paper's
+def summary_tables(rows: list[dict]) -> dict[Metric, Table]:
+    """Per reported metric: categories × method labels (mean ± std over seeds), a mean row, and the paper's
     value with our difference (Δ) where the runs are comparable to it."""
     references = load_references()
     labels = sorted({method_label(r) for r in rows})
@@ -101,11 +114,11 @@ def summary_tables(rows: list[dict]) -> dict[str, Table]:
         for label in labels
     }
     tables = {}
-    for metric in METRICS:
-        values = aggregate(rows, metric)
+    for metric in reported_metrics():
+        values = aggregate(rows, metric.key)
         header = ["category"]
         for label in labels:
-            header += [label] + ([f"{label.split(' ')[0]} paper", "Δ"] if metric in paper[label] else [])
+            header += [label] + ([f"{label.split(' ')[0]} paper", "Δ"] if metric.key in paper[label] else [])
         body = []
         for category in [*categories, "mean"]:
             cells = [category]
@@ -116,71 +129,74 @@ def summary_tables(rows: list[dict]) -> dict[str, Table]:
                 else:
                     ours = list(values.get((category, label), {}).values()) or None
                     incomplete = (category, label) in failed
-                cells.append(result_cell(ours, incomplete, category == "mean"))
-                if metric in paper[label]:
-                    published = paper[label][metric]
+                cells.append(result_cell(ours, incomplete, category == "mean", metric))
+                if metric.key in paper[label]:
+                    published = paper[label][metric.key]
                     value = (
                         published_mean(published, categories, rows[0]["dataset"])
                         if category == "mean"
                         else published.get(category)
                     )
-                    cells += reference_cells(ours, value)
+                    cells += reference_cells(ours, value, metric)
             body.append(cells)
         tables[metric] = (header, body)
     return tables
 
 
-def result_cell(values: list[float] | None, incomplete: bool, is_mean: bool) -> str:
+def result_cell(values: list[float] | None, incomplete: bool, is_mean: bool, metric: Metric) -> str:
     """Our value, marked ⚠ when some of its runs failed; "failed" when all did, "–" when none ran."""
     if values:
-        return format_cell(values) + (" ⚠" if incomplete else "")
+        return format_cell(values, metric) + (" ⚠" if incomplete else "")
     if incomplete:
         return "– ⚠" if is_mean else "failed"
     return "–"
 
 
-def reference_cells(values: list[float] | None, published: float | None) -> list[str]:
+def reference_cells(values: list[float] | None, published: float | None, metric: Metric) -> list[str]:
+    """The paper's value and our difference in the table's unit (paper_results.yaml: shares in percent)."""
     if published is None:
         return ["–", "–"]
-    return [f"{published:.1f}", f"{100 * mean(values) - published:+.1f}" if values else "–"]
+    digits = ".1f" if metric.percent else ".4g"
+    ours = (100 if metric.percent else 1) * mean(values) if values else None
+    return [f"{published:{digits}}", "–" if ours is None else f"{ours - published:+{digits}}"]
 
 
-def overview_tables(rows: list[dict]) -> dict[str, Table]:
-    """Per metric: method labels × data sets, each cell the mean over the categories with results (×100,
-    ± std over seeds), their number where the data set has more, ⚠ where runs failed: one table across
+def overview_tables(rows: list[dict]) -> dict[Metric, Table]:
+    """Per reported metric: method labels × data sets, each cell the mean over the categories with results
+    (± std over seeds), their number where the data set has more, ⚠ where runs failed: one table across
     benchmarks."""
     datasets = sorted({r["dataset"] for r in rows})
     labels = sorted({method_label(r) for r in rows})
     tables = {}
-    for metric in METRICS:
+    for metric in reported_metrics():
         body = []
         for label in labels:
             cells = [label]
             for dataset in datasets:
                 runs = [r for r in rows if r["dataset"] == dataset and method_label(r) == label]
                 categories = sorted({str(r["category"]) for r in runs if r["status"] == "ok"})
-                means = column_mean(aggregate(runs, metric), categories, label) if categories else None
+                means = column_mean(aggregate(runs, metric.key), categories, label) if categories else None
                 total = len(BENCHMARK_CATEGORIES.get(dataset, categories))
                 count = f" ({len(categories)}/{total})" if len(categories) < total else ""
                 failed = " ⚠" if any(r["status"] != "ok" for r in runs) else ""
-                cells.append((format_cell(means) + count if means else "–") + failed)
+                cells.append((format_cell(means, metric) + count if means else "–") + failed)
             body.append(cells)
         tables[metric] = (["method", *datasets], body)
     return tables
 
 
 def summary_markdown(
-    rows: list[dict], tables: dict[str, Table], notes: Sequence[str], title: str = "Benchmark summary"
+    rows: list[dict], tables: dict[Metric, Table], notes: Sequence[str], title: str = "Benchmark summary"
 ) -> str:
     n_failed = sum(r["status"] != "ok" for r in rows)
     lines = [
         f"# {title}",
         "",
-        f"{len(rows)} runs, {n_failed} failed. Values ×100, mean ± std over seeds.",
+        f"{len(rows)} runs, {n_failed} failed. {VALUES_NOTE}",
     ]
     lines += [f"\n{note}" for note in notes] + [""]
     for metric, table in tables.items():
-        lines += [f"## {metric}", "", *markdown_table(table), ""]
+        lines += [f"## {heading(metric)}", "", *markdown_table(table), ""]
     if n_failed:
         lines += ["## Failed runs", ""]
         lines += [

@@ -4,7 +4,9 @@ from pathlib import Path
 
 from pytorch_lightning import loggers
 
-from anomaly.reports.collect import COLUMNS
+from anomaly.errors import require
+from anomaly.metrics.registry import Metric
+from anomaly.reports.collect import columns
 from anomaly.reports.tables import Table
 
 
@@ -17,14 +19,15 @@ class WandbLogger(loggers.WandbLogger):
         getattr(self, "_wandb_init", {}).pop("anonymous", None)
 
 
-def log_to_wandb(rows: list[dict], tables: dict[str, Table], plots: list[Path], sweep_dir: Path) -> None:
+def log_to_wandb(rows: list[dict], tables: dict[Metric, Table], plots: list[Path], sweep_dir: Path) -> None:
     """One wandb run per sweep, in the group its runs share (the sweep folder's name, see
-    configs/logger/wandb.yaml), holding results.csv and the summary tables as ``wandb.Table``s and the
-    plots. Only when the sweep's runs used the wandb logger, and offline unless they were all online."""
+    configs/logger/wandb.yaml), holding results.csv and the summary tables as ``wandb.Table``s (one per
+    reported metric, ``summary/<key>``) and the plots. Only when the sweep's runs used the wandb logger, and
+    offline unless they were all online; quiet, as the runs (the sweep prints its summary.md itself)."""
     settings = [row["wandb"] for row in rows if row.get("wandb")]
     if not settings:
         return
-    import wandb
+    wandb = require("wandb", "wandb", "Logging a sweep's summary to wandb")
 
     run = wandb.init(
         project=settings[0].get("project", "anomaly"),
@@ -34,10 +37,12 @@ def log_to_wandb(rows: list[dict], tables: dict[str, Table], plots: list[Path], 
         dir=str(sweep_dir),
         mode="offline" if any(s.get("offline", True) for s in settings) else "online",
         config={"sweep_dir": str(sweep_dir)},
+        settings={"quiet": True},
     )
-    results = wandb.Table(columns=list(COLUMNS), data=[[row.get(c) for c in COLUMNS] for row in rows])
+    names = columns()
+    results = wandb.Table(columns=list(names), data=[[row.get(c) for c in names] for row in rows])
     summaries = {
-        f"summary/{metric}": wandb.Table(columns=header, data=body)
+        f"summary/{metric.key}": wandb.Table(columns=header, data=body)
         for metric, (header, body) in tables.items()
     }
     run.log({"results": results, **summaries, **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})

@@ -135,6 +135,7 @@ class EfficientAD(TrainedModel):
     """
 
     training_only_arguments = ("teacher_weights",)
+    normalization_share = 0.5  # half the calibration images give the map quantiles, half the threshold
 
     def __init__(
         self,
@@ -188,13 +189,14 @@ class EfficientAD(TrainedModel):
         self.teacher_std = std.reshape(1, -1, 1, 1).to(self.image_mean)
 
     def finalize(self, batches: Iterable[Tensor]) -> None:
-        """The map quantiles (q_a, q_b) of the ST and AE maps over held-out *normal* images."""
+        """The map quantiles (q_a, q_b) of the ST and AE maps over normal images it did not train on (the
+        paper's validation images; disjoint from those that calibrate the threshold)."""
         maps = [self.raw_maps(images) for images in batches]
         if not maps:
             raise DataError(
-                "EfficientAD normalises its maps with quantiles of held-out normal training images, but "
-                "there are none: set dataset.val_fraction > 0 (the method's defaults set 0.1; with few "
-                "training images make sure round(n_train * val_fraction) >= 1)."
+                "EfficientAD normalises its maps with quantiles of normal images it did not train on, but "
+                "there are none: set dataset.val_fraction > 0 (the method's defaults set 0.2: half for the "
+                "quantiles, half for the threshold) or dataset.calibration_dir=<folder of good parts>."
             )
         # with several processes each holds its block of the held-out images: the quantiles are over all
         quantiles = [

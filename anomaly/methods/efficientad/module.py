@@ -42,9 +42,8 @@ class EfficientADModule(TrainedModule):
         max_steps: int = 70000,
         lr_step_fraction: float = 0.95,
         penalty_image_dir: str | None = None,
-        num_examples: int = 8,
     ) -> None:
-        super().__init__(model, num_examples)
+        super().__init__(model)
         if not model.trained_model.teacher_loaded:  # here, before any data is read
             raise ConfigError(TEACHER_HELP)
         if max_steps < 1:

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from anomaly.errors import require
+
 KNN_BACKENDS = ("auto", "faiss", "torch")
 _CHUNK_BYTES = 256 * 2**20
 _GRAPH_BANK_CHUNK = 4096  # bank rows per distance block when traced for export
@@ -58,8 +60,7 @@ class FaissKnn:
     """faiss ``IndexFlatL2`` (exact), on the GPU when faiss has GPU support and the bank is on CUDA."""
 
     def __init__(self, bank: Tensor) -> None:
-        import faiss
-
+        faiss = require("faiss", "faiss-cpu", "PatchCore's k-NN search with faiss", "set knn_backend=torch")
         index = faiss.IndexFlatL2(bank.shape[1])
         if bank.is_cuda and hasattr(faiss, "StandardGpuResources"):
             self._gpu_resources = faiss.StandardGpuResources()  # must outlive the index

@@ -21,9 +21,8 @@ class SimpleNetModule(TrainedModule):
         adaptor_weight_decay: float = 0.01,
         discriminator_lr: float = 2e-4,
         discriminator_weight_decay: float = 1e-5,
-        num_examples: int = 8,
     ) -> None:
-        super().__init__(model, num_examples)
+        super().__init__(model)
         self.adaptor_lr = adaptor_lr
         self.adaptor_weight_decay = adaptor_weight_decay
         self.discriminator_lr = discriminator_lr
