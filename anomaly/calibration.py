@@ -59,7 +59,7 @@ class Calibration:
     order: int  # the threshold is the order-th smallest of num_images normal scores
     num_images: int
     validation_upper_bound: float  # Clopper–Pearson upper bound of the rate observed on these scores
-    source: str  # where the normal scores came from (held-out split, calibration folder, cross-fit)
+    source: str  # where the calibration images came from, in words (CalibrationSource.description)
     scores: tuple[float, ...] = ()  # the normal image scores (drift checks and model updates use them)
     map_maxima: tuple[float, ...] = ()  # their maps' maxima (model updates refit the pixel threshold)
 
@@ -162,7 +162,7 @@ def choose_source(
         setting = "calibration_images" if calibration_origin else "cross_fit" if fits_once else "none"
         if setting == "none":
             log.warning(
-                "No normal images to calibrate a threshold on: set dataset.val_fraction > 0 or "
+                "No normal images to calibrate a threshold on: set dataset.calibration_fraction > 0 or "
                 "dataset.calibration_dir=<folder of good parts>. The run has no threshold."
             )
             return None
@@ -170,7 +170,7 @@ def choose_source(
         if calibration_origin is None:
             raise ConfigError(
                 "threshold.source=calibration_images needs calibration images: dataset.calibration_dir="
-                "<folder of good parts> or dataset.val_fraction > 0"
+                "<folder of good parts> or dataset.calibration_fraction > 0"
             )
         return CalibrationSource(setting, calibration_origin)
     if not fits_once:
@@ -239,7 +239,7 @@ def fit_calibration(
             log.warning(
                 "With %d normal calibration images the lowest %s rate that can be guaranteed at %.0f %% is "
                 "%.0f %%, above the budget of %g %%: using it. Add normal images (dataset.calibration_dir, "
-                "dataset.val_fraction) or raise the budget.",
+                "dataset.calibration_fraction) or raise the budget.",
                 result.num_images, what, 100 * confidence, 100 * result.guaranteed_rate, 100 * budget,
             )  # fmt: skip
     observed = int((scores > image.threshold).sum())

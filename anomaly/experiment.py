@@ -38,6 +38,7 @@ from anomaly.methods.tiling import Tiling, tile_model
 from anomaly.metrics import Evaluator
 from anomaly.model_io import MODEL_FILE_NAME, read_calibration, save_model
 from anomaly.reports.records import RunRecord
+from anomaly.reports.submissions import WRITERS
 from anomaly.run_dir import (
     RunDirTaken,
     add_to_results_db,
@@ -148,8 +149,8 @@ def fit_and_test(cfg: DictConfig, output_dir: Path, run_id: str) -> RunResult:
         if len(samples) < trainer.world_size:
             raise ConfigError(
                 f"{trainer.world_size} processes need at least as many {what} images, got {len(samples)}: "
-                "use fewer (trainer.devices, trainer.num_nodes) or more images (dataset.val_fraction holds "
-                "out the normalisation images)"
+                "use fewer (trainer.devices, trainer.num_nodes) or more images (dataset.calibration_fraction "
+                "holds out the normalisation images)"
             )
 
     start = time.perf_counter()
@@ -323,6 +324,7 @@ def score_unlabeled(
     in the format its evaluation takes (each rank writes the files of its block)."""
     device = trainer.strategy.root_device
     pixel_threshold = calibration.pixel_threshold if calibration else None
+    write = WRITERS[datamodule.submission_format] if datamodule.unlabeled else None
     for name, samples in datamodule.unlabeled.items():
         log.info("Scoring %s (%d images without ground truth) for the data set's own evaluation.",
                  name, len(samples))  # fmt: skip
@@ -331,7 +333,7 @@ def score_unlabeled(
         for _, output in score_batches(model, datamodule.unlabeled_dataloader(name), device):
             maps = output.anomaly_map.float().cpu()
             batch_samples = samples[done : done + len(maps)]
-            written = datamodule.write_unlabeled(name, batch_samples, maps, pixel_threshold, output_dir)
+            written = write(datamodule.name, name, batch_samples, maps, pixel_threshold, output_dir)
             done += len(maps)
         log.info("Wrote the maps of %s for the data set's evaluation to %s", name, written)
 

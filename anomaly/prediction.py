@@ -96,7 +96,7 @@ def predict_folder(
     if pixel_threshold is None:
         pixel_threshold = getattr(loaded.calibration, "pixel_threshold", threshold)
     if threshold is None:
-        log.warning("The model has no calibrated threshold (trained with dataset.val_fraction=0) and "
+        log.warning("The model has no calibrated threshold (trained with dataset.calibration_fraction=0) and "
                     "threshold= was not given: is_anomalous and masks are left empty.")  # fmt: skip
     paths, skipped = resolve_inputs(inputs)
     if skipped:

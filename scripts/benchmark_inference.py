@@ -41,7 +41,7 @@ from anomaly.model_io import load_model
 
 QUICK_TRAINING = {
     "simplenet": ["method.max_epochs=1"],
-    "efficientad": ["method.max_steps=10", "dataset.batch_size=1", "dataset.val_fraction=0.2"],
+    "efficientad": ["method.max_steps=10", "dataset.batch_size=1", "dataset.calibration_fraction=0.2"],
 }
 
 

@@ -32,7 +32,8 @@ def run(method: str, size: int, processes: int, out: Path) -> dict:
         "logger=none", "trainer.enable_progress_bar=false", "paths.results_db=null", "threshold.source=none",
         f"method={method}", f"dataset.n_train={size}", "dataset.n_calibration=0",
         "dataset.n_test_good=20", "dataset.n_test_defect=20",
-        "dataset.val_fraction=0", "dataset.image_size=256", "dataset.crop_size=null", "dataset.num_workers=0",
+        "dataset.calibration_fraction=0", "dataset.image_size=256", "dataset.crop_size=null",
+        "dataset.num_workers=0",
         f"paths.data_dir={out / 'data'}", f"hydra.run.dir={run_dir}", "force=true", "trainer.accelerator=cpu",
         *(["trainer=ddp", f"trainer.devices={processes}"] if processes > 1 else []),
     ]  # fmt: skip

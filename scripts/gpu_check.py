@@ -118,7 +118,7 @@ def paper_setting(device: str, workdir: Path, quick: bool) -> dict:
              else ["dataset.n_train=240", "dataset.n_test_good=30", "dataset.n_test_defect=80"])  # fmt: skip
     sizes.append("dataset.n_calibration=0")
     data = [*sizes, "dataset.generated_size=256", "dataset.image_size=256", "dataset.crop_size=224",
-            f"dataset.root={workdir / 'data'}", "dataset.val_fraction=0", "dataset.num_workers=8",
+            f"dataset.root={workdir / 'data'}", "dataset.calibration_fraction=0", "dataset.num_workers=8",
             f"backbone={'resnet18' if quick else 'wide_resnet50_2'}", "backbone.weights=null"]  # fmt: skip
     seeds = "0" if quick else "0,1,2,3,4"
     results = {}

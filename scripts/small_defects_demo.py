@@ -34,7 +34,7 @@ def fit(out: Path, name: str, size: int, overrides: list[str]) -> Path:
     """anomaly-train's job (:func:`anomaly.run`) into ``out/name``; returns the run dir."""
     data = ["dataset.category=specks", f"dataset.generated_size={size}", "dataset.n_train=40",
             "dataset.n_calibration=0",
-            "dataset.n_test_good=20", "dataset.n_test_defect=30", "dataset.val_fraction=0.25",
+            "dataset.n_test_good=20", "dataset.n_test_defect=30", "dataset.calibration_fraction=0.25",
             "dataset.batch_size=8", "method=patchcore", "method.model.coreset_ratio=0.01",
             "logger=csv", f"paths.data_dir={out / 'data'}", "paths.results_db=null"]  # fmt: skip
     cfg = anomaly.compose([*data, *overrides], output_dir=out / name)

@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 from anomaly import distributed
@@ -96,8 +95,8 @@ class AnomalyDataModule(pl.LightningDataModule):
     """Base data module; subclasses implement :meth:`load_samples` and :attr:`name`.
 
     The calibration images (:attr:`calibration_samples`, :attr:`calibration_origin` says where from) are
-    ``calibration_dir``'s, else the data set's own held-out normal images, else ``val_fraction`` of the
-    training images; the test set is never used to fit anything. ``normalization_share``: that share of
+    ``calibration_dir``'s, else the data set's own held-out normal images, else ``calibration_fraction`` of
+    the training images; the test set is never used to fit anything. ``normalization_share``: that share of
     the calibration images is set aside for a method's own normalisation (:attr:`normalization_samples`,
     EfficientAD's map quantiles), so that the threshold is calibrated on images independent of it.
     ``on_bad_file``: ``"error"`` stops before any work when a file fails the data check (all problems
@@ -109,13 +108,15 @@ class AnomalyDataModule(pl.LightningDataModule):
     the sample lists stay whole on every rank.
     """
 
+    submission_format: str | None = None  # how unlabeled_sets' maps are written (reports.submissions)
+
     def __init__(
         self,
         image_size: int | list[int] = 256,
         crop_size: int | list[int] | None = 224,
         batch_size: int = 32,
         num_workers: int = 2,
-        val_fraction: float = 0.0,
+        calibration_fraction: float = 0.0,
         seed: int = 0,
         on_bad_file: str = "error",
         calibration_dir: str | None = None,
@@ -123,8 +124,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         normalization_share: float = 0.0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ConfigError(f"dataset.val_fraction must be in [0, 1), got {val_fraction}")
+        if not 0.0 <= calibration_fraction < 1.0:
+            raise ConfigError(f"dataset.calibration_fraction must be in [0, 1), got {calibration_fraction}")
         if not 0.0 <= normalization_share < 1.0:
             raise ConfigError(f"normalization_share must be in [0, 1), got {normalization_share}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -137,7 +138,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.transform = self.preprocessing.transform()
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.val_fraction = val_fraction
+        self.calibration_fraction = calibration_fraction
         self.seed = seed
         self.on_bad_file = on_bad_file
         self.calibration_dir = Path(calibration_dir).expanduser() if calibration_dir else None
@@ -193,9 +194,10 @@ class AnomalyDataModule(pl.LightningDataModule):
         elif calibration:
             self.calibration_origin = f"the data set's own held-out normal images ({self.name})"
         else:
-            train, calibration = seeded_split(train, round(len(train) * self.val_fraction), self.seed)
+            train, calibration = seeded_split(train, round(len(train) * self.calibration_fraction), self.seed)
             if calibration:
-                self.calibration_origin = f"a seeded {self.val_fraction:g} share of the training images"
+                share = self.calibration_fraction
+                self.calibration_origin = f"a seeded {share:g} share of the training images"
         self.train_samples = train
         self.calibration_samples, self.normalization_samples = calibration, []
         if self.normalization_share and calibration:
@@ -205,15 +207,9 @@ class AnomalyDataModule(pl.LightningDataModule):
 
     def unlabeled_sets(self) -> dict[str, list[Sample]]:
         """Test images without ground truth that a benchmark scores elsewhere (MVTec AD 2's private sets):
-        checked with the rest; ``anomaly-train`` scores them after testing and hands the maps to
-        :meth:`write_unlabeled`."""
+        checked with the rest; ``anomaly-train`` scores them after testing and writes the maps in
+        :attr:`submission_format` (:mod:`anomaly.reports.submissions`)."""
         return {}
-
-    def write_unlabeled(self, name: str, samples: list[Sample], maps: Tensor, pixel_threshold: float | None,
-                        output_dir: Path) -> Path:  # fmt: skip
-        """Writes the maps ``[B, 1, h, w]`` of a batch of ``unlabeled_sets()[name]`` in the format the
-        data set's evaluation takes, below ``output_dir``; returns the folder to hand to it."""
-        raise NotImplementedError
 
     def _calibration_dir_samples(self) -> list[Sample]:
         """The normal images of ``calibration_dir`` (anywhere below it), none without one."""

@@ -4,18 +4,8 @@
 they calibrate, never train), ``test_public/{good,bad}/*.png`` with ``test_public/ground_truth/bad/
 <stem>_mask.png``, and ``test_private/``, ``test_private_mixed/`` without ground truth. The test metrics
 come from test_public; the private sets are scored after testing and written as the official evaluation
-server takes them (``mvtec_ad2_submission/`` in the run dir, as ``check_and_prepare_data_for_upload.py``
-of MVTec's public tools expects): ``anomaly_images/<object>/<set>/<stem>.tiff`` (float16 maps at each
-image's full size) and ``anomaly_images_thresholded/<object>/<set>/<stem>.png`` (0/255 at the calibrated
-pixel threshold).
+server takes them (:mod:`anomaly.reports.submissions`).
 """
-
-from pathlib import Path
-
-import numpy as np
-import torch.nn.functional as F
-from PIL import Image
-from torch import Tensor
 
 from anomaly.data.mvtec import Layout, MVTecAD
 from anomaly.data.samples import Sample, list_images
@@ -31,13 +21,13 @@ AD2_LAYOUT = Layout(
     "dataset.root=<folder holding the object folders>.",
 )
 PRIVATE_SETS = ("test_private", "test_private_mixed")
-SUBMISSION = "mvtec_ad2_submission"
 
 
 class MVTecAD2(MVTecAD):
     """One object of MVTec AD 2; its private test sets are written for the evaluation server."""
 
     layout = AD2_LAYOUT
+    submission_format = "mvtec_ad2"
 
     def __init__(self, root: str, category: str, **loader_options) -> None:
         super().__init__(root, category, **loader_options)
@@ -53,22 +43,3 @@ class MVTecAD2(MVTecAD):
             if folder.is_dir():
                 sets[name] = [Sample(path, 0, None, name) for path in list_images(folder, self.skipped)]
         return sets
-
-    def write_unlabeled(self, name: str, samples: list[Sample], maps: Tensor, pixel_threshold: float | None,
-                        output_dir: Path) -> Path:  # fmt: skip
-        import tifffile  # only this writer needs it
-
-        root = output_dir / SUBMISSION
-        for sample, anomaly_map in zip(samples, maps, strict=True):
-            with Image.open(sample.image_path) as image:
-                width, height = image.size
-            full = F.interpolate(anomaly_map[None].float(), size=(height, width), mode="bilinear")[0, 0]
-            relative = Path(self.category) / name / sample.image_path.stem
-            tiff = root / "anomaly_images" / relative.with_suffix(".tiff")
-            tiff.parent.mkdir(parents=True, exist_ok=True)
-            tifffile.imwrite(tiff, full.numpy().astype(np.float16))
-            if pixel_threshold is not None:
-                png = root / "anomaly_images_thresholded" / relative.with_suffix(".png")
-                png.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(((full > pixel_threshold).numpy() * 255).astype(np.uint8)).save(png)
-        return root

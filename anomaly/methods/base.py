@@ -8,7 +8,7 @@ mode. How it learns is one of two contracts:
   ``fit()`` once; no gradient is ever taken.
 * :class:`TrainedModel` (SimpleNet, EfficientAD): ``training_loss(images)`` is minimised by the
   optimisers its Lightning module names; ``prepare(batches)`` runs before the first step (on training
-  images) and ``finalize(batches)`` after the last (on held-out normal images), both optional.
+  images) and ``finalize(batches)`` after the last (on calibration images set aside for it), both optional.
 
 Fitted state lives in buffers, so ``state_dict()`` is the whole model file. Buffers whose shape is only
 known after fitting are registered empty with :func:`register_fitted_buffer`; loading a state dict then

@@ -3,8 +3,8 @@
 To add a metric, add its :class:`Metric` to :data:`METRICS` and compute it in
 :meth:`anomaly.metrics.evaluator.Evaluator.compute` under that key: results.csv, the sweep and
 ``anomaly-report`` tables (beside the papers' numbers of ``anomaly/reports/paper_results.yaml``), the plots,
-report.html and the wandb summary all read this tuple, and tests/unit/test_metric_registry.py checks that every
-key the Evaluator returns is in it. The list is explicit on purpose: nothing is found by scanning.
+report.html and the wandb summary all read this tuple, and tests/unit/test_metric_registry.py checks that
+every key the Evaluator returns is in it. The list is explicit on purpose: nothing is found by scanning.
 """
 
 from dataclasses import dataclass

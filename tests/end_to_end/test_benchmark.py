@@ -48,7 +48,7 @@ TINY_SYNTHETIC = [
 TINY_SYNTHETIC += [
     "dataset.generated_size=64",
     "dataset.image_size=64",
-    "dataset.val_fraction=0.0",
+    "dataset.calibration_fraction=0.0",
 ]  # too few to calibrate
 
 

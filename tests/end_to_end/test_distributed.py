@@ -89,7 +89,7 @@ def test_trained_methods_train_data_parallel_on_two_processes(small, data_dir, t
     torch.save(patch_description_network(384, "small").state_dict(), teacher)
     # 4 of 17 images held out: 2 normalise EfficientAD's maps, 2 calibrate (one of each per process)
     efficientad = ["method=efficientad", f"method.model.teacher_weights={teacher}", "method.max_steps=6",
-                   "dataset.image_size=[64,64]", "dataset.val_fraction=0.25"]  # fmt: skip
+                   "dataset.image_size=[64,64]", "dataset.calibration_fraction=0.25"]  # fmt: skip
     runs = {"simplenet": ["method=simplenet", "method.max_epochs=2"], "efficientad": efficientad}
     for name, overrides in runs.items():
         metrics, _ = finished(train(tmp_path / name, data_dir, small, *overrides, *TWO_PROCESSES),

@@ -33,7 +33,7 @@ METHODS = sorted(p.stem for p in (config_dir() / "method").glob("*.yaml"))
 SIZE = 64  # training image side
 TRAINING = {  # the fewest steps that give a fitted model; parity does not need a good one
     "simplenet": ["method.max_epochs=1"],
-    "efficientad": ["method.max_steps=2", "dataset.val_fraction=0.2", "dataset.batch_size=1"],
+    "efficientad": ["method.max_steps=2", "dataset.calibration_fraction=0.2", "dataset.batch_size=1"],
 }
 # raw input sizes: both resize passes and a non-square map (64x85), except for PaDiM, whose Gaussians
 # are per feature position and so need the training grid

@@ -68,7 +68,8 @@ def fitted_runs(tmp_path_factory, run_training):
     runs = {}
     for method in ("padim", "patchcore"):
         folder = tmp_path_factory.mktemp(method)
-        runs[method] = run_training(folder, [f"method={method}", "logger=none", "dataset.val_fraction=0"])[1]
+        overrides = [f"method={method}", "logger=none", "dataset.calibration_fraction=0"]
+        runs[method] = run_training(folder, overrides)[1]
     return runs
 
 

@@ -76,7 +76,7 @@ def test_efficientad_distill_predict_and_export_run_on_the_gpu(run_training, tmp
     teacher = distill(distill_cfg)
     metrics, run_dir = run_training(tmp_path, [
         "method=efficientad", f"method.model.teacher_weights={teacher}", "method.max_steps=10",
-        "dataset.val_fraction=0.2", "dataset.image_size=64", "trainer.accelerator=gpu", "logger=none",
+        "dataset.calibration_fraction=0.2", "dataset.image_size=64", "trainer.accelerator=gpu", "logger=none",
     ])  # fmt: skip
     assert 0.0 <= metrics["image_auroc"] <= 1.0
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

@@ -142,7 +142,8 @@ def test_padim_update_equals_a_refit_on_all_images(tiny_backbone, smooth_images)
 def test_threshold_depends_on_normal_images_only(tmp_path, run_training):
     """Runs whose test sets differ (other defects, other counts) get the same thresholds, from the held-out
     split and from a cross-fit alike: fails if test data leaks into calibration."""
-    for source in (["dataset.val_fraction=0.25"], ["dataset.val_fraction=0", "threshold.source=cross_fit"]):
+    cross_fit = ["dataset.calibration_fraction=0", "threshold.source=cross_fit"]
+    for source in (["dataset.calibration_fraction=0.25"], cross_fit):
         common = ["method=padim", "logger=none", *source, "threshold.false_alarm_rate=0.1"]
         name = source[-1].split("=")[-1]
         first, first_dir = run_training(tmp_path / f"a-{name}", [*common, "dataset.n_test_defect=12"])

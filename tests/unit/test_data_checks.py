@@ -121,7 +121,7 @@ def test_every_format_the_decoder_reads_is_used_and_the_rest_is_listed(tmp_path,
     (good / "notes.txt").write_text("inspection notes")
     (good / ".DS_Store").write_bytes(b"\0")
     (good / "subfolder").mkdir()
-    data = Folder(str(tmp_path), normal_test_fraction=0.2, num_workers=0, val_fraction=0.0)
+    data = Folder(str(tmp_path), normal_test_fraction=0.2, num_workers=0, calibration_fraction=0.0)
     with caplog.at_level(logging.INFO):
         data.setup()
     assert len(data.train_samples) + len(data.test_samples) == 5
@@ -133,7 +133,7 @@ def test_every_format_the_decoder_reads_is_used_and_the_rest_is_listed(tmp_path,
 
 def test_config_values_are_checked_when_the_data_module_is_built():
     for bad in ({"image_size": 0}, {"image_size": [256]}, {"crop_size": -1}, {"batch_size": 0},
-                {"num_workers": -1}, {"val_fraction": 1.0}, {"on_bad_file": "ignore"}):  # fmt: skip
+                {"num_workers": -1}, {"calibration_fraction": 1.0}, {"on_bad_file": "ignore"}):  # fmt: skip
         with pytest.raises(ConfigError):
             MVTecAD("/nowhere", "widget", **bad)
 

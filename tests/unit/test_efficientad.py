@@ -152,7 +152,7 @@ def fit(model: EfficientAD, data: SyntheticAD, max_steps: int, **module_options)
 
 
 def test_map_quantiles_come_from_normal_images_disjoint_from_the_thresholds(teachers, tmp_path, monkeypatch):
-    data = small_data(tmp_path, val_fraction=0.4, normalization_share=EfficientAD.normalization_share)
+    data = small_data(tmp_path, calibration_fraction=0.4, normalization_share=EfficientAD.normalization_share)
     normalization = {s.image_path for s in data.normalization_samples}
     calibration = {s.image_path for s in data.calibration_samples}
     assert len(normalization) == len(calibration) == 2  # 4 held-out images of 10, half each
@@ -181,8 +181,8 @@ def test_map_quantiles_come_from_normal_images_disjoint_from_the_thresholds(teac
 
 
 def test_empty_validation_split_fails_with_the_fix(teachers, tmp_path):
-    with pytest.raises(DataError, match="val_fraction"):
-        fit(EfficientAD(teacher_weights=teachers["small"]), small_data(tmp_path, val_fraction=0.0), 1)
+    with pytest.raises(DataError, match="calibration_fraction"):
+        fit(EfficientAD(teacher_weights=teachers["small"]), small_data(tmp_path, calibration_fraction=0.0), 1)
 
 
 def test_state_dict_round_trip_gives_identical_scores(teachers, tmp_path):
@@ -260,7 +260,7 @@ def test_end_to_end_detects_generated_defects_and_reloads(distilled, tmp_path, r
         tmp_path,
         [
             "method=efficientad", "logger=csv", f"method.model.teacher_weights={teacher}",
-            "method.max_steps=40", "dataset.val_fraction=0.25", f"dataset.image_size={SIZE}",
+            "method.max_steps=40", "dataset.calibration_fraction=0.25", f"dataset.image_size={SIZE}",
             "dataset.batch_size=1",
         ],
     )  # fmt: skip

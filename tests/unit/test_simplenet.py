@@ -154,7 +154,7 @@ def test_end_to_end_detects_generated_defects_logs_losses_and_reloads(tmp_path, 
     data = SyntheticAD(
         root=str(tmp_path.parent / "shared-data" / "synthetic"), category="fabric", n_train=16, n_test_good=8,
         n_test_defect=12, generated_size=128, image_size=128, crop_size=None, batch_size=4, num_workers=0,
-        val_fraction=0.1, seed=0,
+        calibration_fraction=0.1, seed=0,
     )  # fmt: skip
     data.setup()
     logged = list(csv.DictReader((output_dir / "csv" / "version_0" / "metrics.csv").open()))

@@ -132,7 +132,7 @@ def test_small_defects_missed_at_low_resolution_are_found_by_tiles(tmp_path, run
     at full resolution keep them. Both runs are measured against the 256-px masks."""
     data = ["dataset.category=specks", "dataset.generated_size=256", "dataset.n_train=20",
             "dataset.n_calibration=0",
-            "dataset.n_test_good=10", "dataset.n_test_defect=10", "dataset.val_fraction=0.2",
+            "dataset.n_test_good=10", "dataset.n_test_defect=10", "dataset.calibration_fraction=0.2",
             "dataset.num_workers=0", "method=patchcore", "logger=none",
             "trainer.enable_progress_bar=false"]  # fmt: skip
     resized = run_job(tmp_path / "resized", [*data, "dataset.image_size=64"])[1]

@@ -195,8 +195,8 @@ class EfficientAD(TrainedModel):
         if not maps:
             raise DataError(
                 "EfficientAD normalises its maps with quantiles of normal images it did not train on, but "
-                "there are none: set dataset.val_fraction > 0 (the method's defaults set 0.2: half for the "
-                "quantiles, half for the threshold) or dataset.calibration_dir=<folder of good parts>."
+                "there are none: set dataset.calibration_fraction > 0 (the method's defaults set 0.2: half "
+                "for the quantiles, half for the threshold) or dataset.calibration_dir=<good parts>."
             )
         # with several processes each holds its block of the held-out images: the quantiles are over all
         quantiles = [
@@ -208,7 +208,7 @@ class EfficientAD(TrainedModel):
                 raise DataError(
                     f"The {name} map quantiles ({float(low):.4g}, {float(high):.4g}) do not increase: the "
                     "held-out maps are (nearly) constant, so scores would not be defined. Train longer "
-                    "(method.max_steps) or hold out more normal images (dataset.val_fraction)."
+                    "(method.max_steps) or hold out more normal images (dataset.calibration_fraction)."
                 )
         self.quantiles_st, self.quantiles_ae = (q.reshape(2).to(self.image_mean) for q in quantiles)
 
