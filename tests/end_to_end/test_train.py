@@ -55,3 +55,16 @@ def test_wandb_offline_run_is_written(tmp_path, run_training):
     )
     assert list((output_dir / "wandb").glob("offline-run-*")), "no offline wandb run written"
     assert metrics["image_auroc"] > 0.85
+
+
+def test_the_embedded_default_calibrates_within_its_stated_budget(tmp_path, run_job):
+    """The generated data's own calibration images (dataset.n_calibration, 300 by default) are enough for
+    the default 1 % budget at 95 %: the run states a guarantee at or under it (here at 64 px, PaDiM)."""
+    small = ["dataset.n_train=16", "dataset.n_test_good=4", "dataset.n_test_defect=4",
+             "dataset.generated_size=64", "dataset.image_size=64", "dataset.num_workers=0",
+             "trainer.enable_progress_bar=false"]  # fmt: skip
+    _, output_dir = run_job(tmp_path, [*small, "method=padim", "logger=none"])
+    calibration = json.loads((output_dir / "run.json").read_text())["calibration"]
+    assert calibration["num_images"] == 300 and "the data set's own" in calibration["source"]
+    assert calibration["guaranteed_rate"] <= calibration["false_alarm_rate"] == 0.01
+    assert calibration["pixel_guaranteed_rate"] <= 0.01
