@@ -91,3 +91,18 @@ def test_anomalous_image_scores_higher_and_state_round_trips(smooth_images, back
 def test_unfitted_model_refuses_to_score(smooth_images, backbone):
     with pytest.raises(RuntimeError, match="not fitted"):
         Padim(backbone, n_features=10)(smooth_images(1, seed=0))
+
+
+def test_the_inverse_covariances_hold_after_torch_set_num_threads():
+    """MKL 2024.2's batched LU (torch.linalg.inv) fails for D >= ~200 once torch.set_num_threads was called
+    (num_threads=..., the joblib launcher): the Cholesky inverse PaDiM uses does not."""
+    threads = torch.get_num_threads()
+    factors = torch.rand(16, 256, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    covariance = factors @ factors.transpose(1, 2)
+    try:
+        torch.set_num_threads(2)
+        inverse = padim_model.regularised_inverse(covariance, 0.01)
+    finally:
+        torch.set_num_threads(threads)
+    expected = np.linalg.inv(covariance.numpy() + 0.01 * np.eye(256))
+    np.testing.assert_allclose(inverse.double().numpy(), expected, rtol=1e-4, atol=1e-3)

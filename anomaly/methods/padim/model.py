@@ -284,10 +284,13 @@ def subtract(total: Statistics, part: Statistics) -> Statistics:
 
 
 def regularised_inverse(covariance: Tensor, epsilon: float) -> Tensor:
-    """float32 inverses ``[P, D, D]`` of covariance + ε·I, computed in float64."""
+    """float32 inverses ``[P, D, D]`` of covariance + ε·I, computed in float64 through its Cholesky factor
+    (the matrix is symmetric positive definite). Not ``torch.linalg.inv``: with MKL 2024.2 (torch 2.14's
+    CPU build) its batched LU fails for D >= ~200 ("Pivots given to lu_solve ...") once
+    ``torch.set_num_threads`` has been called, as ``num_threads`` and the joblib launcher do."""
     regularised = covariance.to(torch.float64, copy=True)
     regularised.diagonal(dim1=-2, dim2=-1).add_(epsilon)
-    return torch.linalg.inv(regularised).float().contiguous()
+    return torch.cholesky_inverse(torch.linalg.cholesky(regularised)).float().contiguous()
 
 
 def _refuse_unsorted_channels(model: Padim, incompatible_keys: object) -> None:
