@@ -32,7 +32,14 @@ from anomaly.calibration import Calibration, CalibrationSource, check_budgets, c
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.preprocessing import Preprocessing
 from anomaly.errors import ConfigError
-from anomaly.methods.base import AnomalyModel, FitOnceModel, TrainedModel, non_finite_error, score_batches
+from anomaly.methods.base import (
+    AnomalyModel,
+    FitOnceModel,
+    TrainedModel,
+    images_on,
+    non_finite_error,
+    score_batches,
+)
 from anomaly.methods.lightning import AnomalyModule, DDPStrategy, ScoringModule, TestResult
 from anomaly.methods.tiling import Tiling, tile_model
 from anomaly.metrics import Evaluator
@@ -279,11 +286,6 @@ def calibrate(
         scores.cpu(), maxima.cpu(), settings.false_alarm_rate, settings.pixel_false_alarm_rate,
         settings.confidence, source.description,
     )  # fmt: skip
-
-
-def images_on(loader, device: torch.device):
-    """The images of ``loader``'s batches, on ``device``."""
-    return (batch["image"].to(device) for batch in loader)
 
 
 def test(

@@ -28,7 +28,7 @@ from anomaly.data.samples import (
     no_images_error,
 )
 from anomaly.errors import ConfigError, DataError
-from anomaly.methods.base import FitOnceModel, score_batches
+from anomaly.methods.base import FitOnceModel, images_on, score_batches
 from anomaly.model_io import find_model_file, load_model, save_model
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def update_model(
         scores.append(scored.image_score.cpu())
         maxima.append(scored.anomaly_map.amax(dim=(1, 2, 3)).cpu())
     with torch.no_grad():
-        loaded.model.update(batch["image"].to(device) for batch in loader)
+        loaded.model.update(images_on(loader, device))
 
     calibration = loaded.calibration
     if calibration is not None:

@@ -135,6 +135,11 @@ def check_finite(output: AnomalyOutput, paths: Sequence[str]) -> None:
         raise non_finite_error(bad)
 
 
+def images_on(loader: Iterable[dict], device: torch.device | str) -> Iterator[Tensor]:
+    """The images ``[B, 3, H, W]`` of ``loader``'s batches, on ``device``: what fitting and updates take."""
+    return (batch["image"].to(device) for batch in loader)
+
+
 def score_batches(
     model: nn.Module, loader: Iterable[dict], device: torch.device | str
 ) -> Iterator[tuple[dict, AnomalyOutput]]:

@@ -17,6 +17,7 @@ from anomaly.methods.base import (
     AnomalyModel,
     FitOnceModel,
     TrainedModel,
+    images_on,
     non_finite_error,
     non_finite_paths,
 )
@@ -161,7 +162,7 @@ class TrainedModule(AnomalyModule):
 
     def on_train_start(self) -> None:
         with torch.no_grad(), self.trainer.precision_plugin.forward_context():
-            self.model.prepare(self._images(self.trainer.datamodule.train_dataloader()))
+            self.model.prepare(images_on(self.trainer.datamodule.train_dataloader(), self.device))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         optimizers = self.optimizers()
@@ -186,9 +187,5 @@ class TrainedModule(AnomalyModule):
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad(), self.trainer.precision_plugin.forward_context():
-            self.model.finalize(self._images(self.trainer.datamodule.normalization_dataloader()))
+            self.model.finalize(images_on(self.trainer.datamodule.normalization_dataloader(), self.device))
         self.model.train(was_training)
-
-    def _images(self, loader) -> object:
-        """The images of ``loader``'s batches, on this module's device."""
-        return (batch["image"].to(self.device) for batch in loader)
