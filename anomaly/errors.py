@@ -52,6 +52,11 @@ class ParityError(UserError, RuntimeError):
     """An exported model whose outputs differ from the eager model's beyond the tolerance."""
 
 
+class DistributedStateError(UserError, RuntimeError):
+    """The processes of a distributed run ended a fit with different models (a method that ignores the
+    collective it is given); the message names the tensors."""
+
+
 def require(module: str, pip_name: str, purpose: str, alternative: str | None = None) -> ModuleType:
     """``import module``, else a :class:`MissingPackageError` naming ``purpose`` (what needs it), the
     ``pip install`` that fixes it and ``alternative`` (a setting that does without it), if any. Packages

@@ -40,7 +40,7 @@ from anomaly.methods.base import (
     non_finite_error,
     score_batches,
 )
-from anomaly.methods.lightning import AnomalyModule, DDPStrategy, ScoringModule, TestResult
+from anomaly.methods.lightning import AnomalyModule, DDPStrategy, ScoringModule, TestResult, collective_of
 from anomaly.methods.tiling import Tiling, tile_model
 from anomaly.metrics import Evaluator
 from anomaly.model_io import MODEL_FILE_NAME, read_calibration, save_model
@@ -166,7 +166,7 @@ def fit_and_test(cfg: DictConfig, output_dir: Path, run_id: str) -> RunResult:
     start = time.perf_counter()
     calibration = calibrate(cfg, source, trainer, model, datamodule, tiling)
     calibration_seconds = time.perf_counter() - start
-    writes = distributed.is_launching_process()  # every rank holds the same fitted model
+    writes = distributed.is_launching_process()  # every rank holds the same model (the glue checks)
     model_path = output_dir / MODEL_FILE_NAME if writes else None
     if model_path is not None:
         model_config = OmegaConf.to_container(cfg.method.model, resolve=True)
@@ -264,6 +264,7 @@ def calibrate(
     rank fits the same thresholds."""
     if source is None:
         return None
+    collective = collective_of(trainer)
     if source.kind == "cross_fit":
         device = trainer.strategy.root_device  # Lightning hands the model back on the CPU after fitting
         count = min(cfg.threshold.folds, len(datamodule.train_samples))
@@ -272,15 +273,15 @@ def calibrate(
         folds = [partial(images_on, loader, device) for loader in datamodule.fold_dataloaders(count)]
         with torch.no_grad():
             new_model = lambda: build_model(cfg, tiling).to(device)  # noqa: E731
-            scores, maxima = model.to(device).cross_fit_scores(folds, new_model)
+            scores, maxima = model.to(device).cross_fit_scores(folds, new_model, collective)
     else:
         outputs = trainer.predict(ScoringModule(model), dataloaders=datamodule.calibration_dataloader())
-        if non_finite := distributed.gather_objects([path for out in outputs for path in out["non_finite"]]):
+        if non_finite := collective.gather_objects([path for out in outputs for path in out["non_finite"]]):
             raise non_finite_error(non_finite)
         # (a rank may hold no calibration image when there are fewer than ranks)
         scores = torch.cat([torch.empty(0), *(output["image_score"] for output in outputs)])
         maxima = torch.cat([torch.empty(0), *(output["map_max"] for output in outputs)])
-    scores, maxima = distributed.all_gather_rows(scores), distributed.all_gather_rows(maxima)
+    scores, maxima = collective.gather_rows(scores), collective.gather_rows(maxima)
     settings = cfg.threshold
     return fit_calibration(
         scores.cpu(), maxima.cpu(), settings.false_alarm_rate, settings.pixel_false_alarm_rate,
@@ -330,13 +331,11 @@ def score_unlabeled(
     for name, samples in datamodule.unlabeled.items():
         log.info("Scoring %s (%d images without ground truth) for the data set's own evaluation.",
                  name, len(samples))  # fmt: skip
-        done = distributed.block_range(len(samples), distributed.world_size(), distributed.rank()).start
         written = output_dir
-        for _, output in score_batches(model, datamodule.unlabeled_dataloader(name), device):
+        for batch, output in score_batches(model, datamodule.unlabeled_dataloader(name), device):
+            batch_samples = [samples[index] for index in batch["index"].tolist()]
             maps = output.anomaly_map.float().cpu()
-            batch_samples = samples[done : done + len(maps)]
             written = write(datamodule.name, name, batch_samples, maps, pixel_threshold, output_dir)
-            done += len(maps)
         log.info("Wrote the maps of %s for the data set's evaluation to %s", name, written)
 
 

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from anomaly.methods.patchcore.coreset import ApproximateGreedyCoreset, greedy_k_center, random_projection
+from anomaly.methods.patchcore.coreset import coreset_sampler, greedy_k_center, random_projection
 
 
 def rss_mib(field: str = "VmRSS") -> float:
@@ -40,7 +40,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     dtype = getattr(torch, args.dtype)
-    sampler = ApproximateGreedyCoreset(args.ratio, args.projection_dim, dtype=dtype)
+    sampler = coreset_sampler(args.ratio, args.projection_dim, dtype=dtype)
     steps = min(args.max_steps, sampler.num_selected(args.n))
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(args.n, args.dim, generator=generator).to(args.device)

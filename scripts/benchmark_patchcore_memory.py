@@ -24,7 +24,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from anomaly.methods.patchcore.coreset import ApproximateGreedyCoreset
+from anomaly.methods.patchcore.coreset import coreset_sampler
 from anomaly.methods.patchcore.model import PatchCore
 from anomaly.methods.patchcore.nearest_neighbors import build_index
 
@@ -72,7 +72,7 @@ def fit(name: str, args: argparse.Namespace) -> dict:
         features = torch.cat(collected)  # [N, D]
         collected.clear()
         dtype = getattr(torch, args.dtype)
-        sampler = ApproximateGreedyCoreset(args.ratio, args.projection_dim, dtype=dtype)
+        sampler = coreset_sampler(args.ratio, args.projection_dim, dtype=dtype)
         bank = features[sampler.select(features)].contiguous()
         del features
         build_index(bank)

@@ -71,7 +71,8 @@ class ShardSampler(Sampler[int]):
 
     def __init__(self, size: int, shuffle: bool, seed: int) -> None:
         self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, 0
-        self.rank, self.ranks = distributed.rank(), distributed.world_size()
+        collective = distributed.process_collective()
+        self.rank, self.ranks = collective.rank, collective.size
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning before every epoch: a new permutation each epoch."""
@@ -79,7 +80,7 @@ class ShardSampler(Sampler[int]):
 
     def indices(self) -> list[int]:
         if not self.shuffle:
-            return list(distributed.block_range(self.size, self.ranks, self.rank))
+            return list(block_range(self.size, self.ranks, self.rank))
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         share = self.size // self.ranks
         return order[self.rank * share : (self.rank + 1) * share].tolist()
@@ -89,6 +90,15 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices())
+
+
+def block_range(total: int, ranks: int, index: int) -> range:
+    """Rank ``index``'s contiguous block of ``range(total)``: the first ``total % ranks`` blocks one longer,
+    as ``torch.chunk``-like splits do; concatenated in rank order they are ``range(total)``. The one place
+    that decides the blocks: everything downstream finds a sample by the ``"index"`` its batch carries."""
+    base, extra = divmod(total, ranks)
+    start = index * base + min(index, extra)
+    return range(start, start + base + (index < extra))
 
 
 class AnomalyDataModule(pl.LightningDataModule):
@@ -249,7 +259,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         """Batches of ``samples``: shuffled by the seeded generator on one process, else this rank's share."""
         generator = torch.Generator().manual_seed(self.seed)
         sampler = None
-        if distributed.is_distributed() or not shuffle:
+        if distributed.process_collective().size > 1 or not shuffle:
             sampler, shuffle = ShardSampler(len(samples), shuffle, self.seed), False
         return TrimmedForkDataLoader(
             ImageDataset(samples, self.transform),

@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
-    """``{"image", "mask", "label", "path"}`` per sample: image ``[3, H, W]`` float in [0, 1] and mask
-    ``[1, H, W]`` uint8 0/1 (zeros without ground truth), transformed jointly so that they stay aligned.
+    """``{"image", "mask", "label", "path", "index"}`` per sample: image ``[3, H, W]`` float in [0, 1] and
+    mask ``[1, H, W]`` uint8 0/1 (zeros without ground truth), transformed jointly so that they stay aligned;
+    ``index`` is the sample's position in ``samples``, by which scoring finds it whichever process's block
+    it came in.
 
     ``with_masks=False``: ``{"image", "label", "path"}`` with ``transform(image)`` only (generic image
     folders: EfficientAD's penalty images, teacher distillation). ``keep_errors=True``: an unreadable
@@ -57,14 +59,16 @@ class ImageDataset(Dataset):
                 return {"path": path, "error": str(error)}
             raise
         if not self.with_masks:
-            return {"image": _plain(self.transform(image)), "label": sample.label, "path": path}
+            image = _plain(self.transform(image))
+            return {"image": image, "label": sample.label, "path": path, "index": index}
         height, width = image.shape[-2:]
         if sample.mask_path is None:
             mask = torch.zeros(1, height, width, dtype=torch.uint8)
         else:
             mask = read_mask(sample.mask_path, sample.image_path, (width, height))
         image, mask = self.transform(image, tv_tensors.Mask(mask))
-        return {"image": _plain(image), "mask": _plain(mask), "label": sample.label, "path": path}
+        return {"image": _plain(image), "mask": _plain(mask), "label": sample.label, "path": path,
+                "index": index}  # fmt: skip
 
 
 def _plain(value):

@@ -10,6 +10,13 @@ mode. How it learns is one of two contracts:
   optimisers its Lightning module names; ``prepare(batches)`` runs before the first step (on training
   images) and ``finalize(batches)`` after the last (on calibration images set aside for it), both optional.
 
+On several processes (``trainer=ddp``) each rank sees its block of the images; the steps that turn them
+into the fitted state (``fit``, ``prepare``, ``finalize``, ``cross_fit_scores``) get a
+:class:`~anomaly.distributed.Collective` (default: one process) and combine through it what every rank
+saw (sums, maxima, gathered rows), so that every rank ends with the model one process fits on all images.
+The glue checks that they do (:func:`anomaly.methods.lightning.check_same_state`). A method reads no
+process state itself.
+
 Fitted state lives in buffers, so ``state_dict()`` is the whole model file. Buffers whose shape is only
 known after fitting are registered empty with :func:`register_fitted_buffer`; loading a state dict then
 resizes them instead of failing on the shape mismatch. The Lightning glue for both contracts is in
@@ -22,6 +29,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from anomaly.distributed import LOCAL, Collective
 from anomaly.errors import DataError
 
 
@@ -55,18 +63,24 @@ class FitOnceModel(AnomalyModel):
         """Extracts what ``fit`` needs from one training batch ``[B, 3, H, W]``."""
         raise NotImplementedError
 
-    def fit(self) -> None:
-        """Turns everything collected into the fitted state (buffers); frees the collection."""
+    def fit(self, collective: Collective = LOCAL) -> None:
+        """Turns everything collected into the fitted state (buffers); frees the collection. On several
+        processes each collected its block of the images, and the state must be that of all of them,
+        combined through ``collective``, the same on every rank."""
         raise NotImplementedError
 
     @torch.no_grad()
     def cross_fit_scores(
-        self, folds: Sequence[Callable[[], Iterable[Tensor]]], new_model: Callable[[], "FitOnceModel"]
+        self,
+        folds: Sequence[Callable[[], Iterable[Tensor]]],
+        new_model: Callable[[], "FitOnceModel"],
+        collective: Collective = LOCAL,
     ) -> tuple[Tensor, Tensor]:
         """Image scores ``[n]`` and map maxima ``[n]`` of every training image, each from a model fitted
         on the other folds only (held-out scores for calibration; the fitted model is not changed).
 
-        ``folds[f]()`` yields fold f's image batches. By default one ``new_model()`` is fitted per fold;
+        ``folds[f]()`` yields fold f's image batches (this rank's block of them), and the scores are this
+        rank's images'. By default one ``new_model()`` is fitted per fold;
         a method that can leave a fold out more cheaply overrides this (PaDiM subtracts statistics).
         """
         scores, maxima = [], []
@@ -75,7 +89,7 @@ class FitOnceModel(AnomalyModel):
             for other, fold in enumerate(folds):
                 for images in fold() if other != held_out else ():
                     model.collect(images)
-            model.fit()
+            model.fit(collective)
             for images in folds[held_out]():
                 output = model(images)
                 scores.append(output.image_score)
@@ -106,12 +120,14 @@ class TrainedModel(AnomalyModel):
         """The losses of a batch of normal images; the total, which is minimised, under ``"loss"``."""
         raise NotImplementedError
 
-    def prepare(self, batches: Iterable[Tensor]) -> None:
-        """Before the first step: statistics over the training images (batches ``[B, 3, H, W]``)."""
+    def prepare(self, batches: Iterable[Tensor], collective: Collective = LOCAL) -> None:
+        """Before the first step: statistics over the training images (batches ``[B, 3, H, W]``, this
+        rank's block; the statistics over every rank's, through ``collective``)."""
 
-    def finalize(self, batches: Iterable[Tensor]) -> None:
+    def finalize(self, batches: Iterable[Tensor], collective: Collective = LOCAL) -> None:
         """After the last step: what scoring needs from normal images the model did not train on (the data
-        module's ``normalization_samples``, never test images)."""
+        module's ``normalization_samples``, never test images; this rank's block, combined through
+        ``collective``)."""
 
 
 def non_finite_paths(output: AnomalyOutput, paths: Sequence[str]) -> list[str]:

@@ -4,6 +4,10 @@ The pure torch model does the work; these modules only feed it batches. :class:`
 every fit-once method and :class:`TrainedModule` every trained one (a method's own module only names its
 optimisers). Scoring a fitted model is one module for every method, :class:`ScoringModule`: its
 ``predict_step`` gives the calibration scores, its test loop the metrics (returned as a :class:`TestResult`).
+
+On several processes the glue hands every collective step the run's :class:`~anomaly.distributed.Collective`
+(:func:`collective_of`), and after fitting and training it checks that every rank holds the same model
+(:func:`check_same_state`): rank 0 saves it, and every rank calibrates and tests its own copy.
 """
 
 from typing import NamedTuple
@@ -12,7 +16,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from anomaly import distributed
+from anomaly.distributed import LOCAL, Collective, ProcessGroupCollective
+from anomaly.errors import DistributedStateError
 from anomaly.methods.base import (
     AnomalyModel,
     FitOnceModel,
@@ -37,12 +42,64 @@ class DDPStrategy(pl.strategies.DDPStrategy):
             super().configure_ddp()
 
 
+def collective_of(trainer: pl.Trainer) -> Collective:
+    """The collective of ``trainer``'s processes: :data:`~anomaly.distributed.LOCAL` for one, else the one
+    over the process group that the strategy initialised (which must exist: call during fit/test/predict)."""
+    return LOCAL if trainer.world_size == 1 else ProcessGroupCollective()
+
+
+def state_checksums(model: torch.nn.Module) -> tuple[list[str], Tensor]:
+    """The names of ``model``'s state tensors (parameters and buffers) and a float64 checksum ``[T, 2]`` of
+    each: its sum and its position-weighted sum (a permutation changes the second), NaN counted as 0 and
+    infinity as a large finite number so that equal tensors always give equal checksums."""
+    names, sums = [], []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        values = torch.nan_to_num(tensor.detach().double().flatten(), nan=0.0, posinf=1e300, neginf=-1e300)
+        weights = torch.arange(1, len(values) + 1, dtype=torch.float64, device=values.device).sqrt_()
+        names.append(name)
+        sums.append(torch.stack([values.sum(), (values * weights).sum()]).cpu())
+    return names, torch.stack(sums) if sums else torch.zeros(0, 2, dtype=torch.float64)
+
+
+def check_same_state(model: torch.nn.Module, collective: Collective, after: str) -> None:
+    """Raises :class:`~anomaly.errors.DistributedStateError`, naming the tensors, on every rank when some
+    rank's parameters or buffers differ from rank 0's (by :func:`state_checksums`). ``after``: the step
+    that should have made them agree (for the message)."""
+    if collective.size == 1:
+        return
+    names, local = state_checksums(model)
+    ranks = collective.gather_rows(local[None])  # [R, T, 2]
+    differ = [name for name, same in zip(names, (ranks == ranks[0]).all(dim=(0, 2)).tolist(), strict=True)
+              if not same]  # fmt: skip
+    if differ:
+        raise DistributedStateError(
+            f"After {after}, the {collective.size} processes hold different models: "
+            f"{', '.join(differ[:10])}{' ...' if len(differ) > 10 else ''} differ from rank 0's. "
+            f"{type(model).__name__} must combine what every process saw through the collective its steps "
+            "get (README, Extending); until it does, run it in one process (without trainer=ddp)."
+        )
+
+
+def take_rank_zero_buffers(model: torch.nn.Module, collective: Collective) -> None:
+    """Every floating-point buffer set to rank 0's, as DDP does before every step (``broadcast_buffers``):
+    once more after the last step, whose updates (BatchNorm's running statistics) are each rank's own."""
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            mine = buffer if collective.rank == 0 else torch.zeros_like(buffer)
+            buffer.copy_(collective.sum(mine.clone()))  # rank 0's values plus zeros: exactly them
+
+
 class AnomalyModule(pl.LightningModule):
     """What a method's Lightning module holds: the pure torch model that it fits."""
 
     def __init__(self, model: AnomalyModel) -> None:
         super().__init__()
         self.model = model
+
+    @property
+    def collective(self) -> Collective:
+        """The collective of the trainer's processes (:func:`collective_of`)."""
+        return collective_of(self.trainer)
 
 
 class TestResult(NamedTuple):
@@ -74,7 +131,6 @@ class ScoringModule(pl.LightningModule):
         self.example_ids = example_ids
         self.result: TestResult | None = None
         self._examples: list[dict] = []
-        self._seen = 0
         self._non_finite: list[str] = []  # test images that scored NaN or infinity
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
@@ -90,10 +146,7 @@ class ScoringModule(pl.LightningModule):
     def on_test_start(self) -> None:
         if self.evaluator is None:
             raise RuntimeError("ScoringModule needs an evaluator to test")
-        self._examples, self._seen, self._non_finite = [], 0, []
-        if distributed.is_distributed():  # this rank scores its block of the test set
-            total = len(self.trainer.datamodule.test_samples)
-            self._seen = distributed.block_range(total, distributed.world_size(), distributed.rank()).start
+        self._examples, self._non_finite = [], []
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         output = self.model(batch["image"])
@@ -101,8 +154,8 @@ class ScoringModule(pl.LightningModule):
             self._non_finite += bad
             return
         self.evaluator.update(output.image_score, batch["label"], output.anomaly_map, batch["mask"])
-        for i in range(len(output.image_score)):
-            if self._seen + i in self.example_ids:
+        for i, index in enumerate(batch["index"].tolist()):  # positions in the test set
+            if index in self.example_ids:
                 self._examples.append(
                     {
                         "image": batch["image"][i].cpu(),
@@ -113,13 +166,13 @@ class ScoringModule(pl.LightningModule):
                         "path": batch["path"][i],
                     }
                 )
-        self._seen += len(output.image_score)
 
     def on_test_epoch_end(self) -> None:
-        if non_finite := distributed.gather_objects(self._non_finite):
+        collective = collective_of(self.trainer)
+        if non_finite := collective.gather_objects(self._non_finite):
             raise non_finite_error(non_finite)
-        metrics = self.evaluator.compute(*self.thresholds)  # over all ranks
-        self.result = TestResult(metrics, distributed.gather_objects(self._examples))
+        metrics = self.evaluator.compute(*self.thresholds, collective=collective)  # over all ranks
+        self.result = TestResult(metrics, collective.gather_objects(self._examples))
         # identical on every rank (computed over all of them): syncing averages equal values
         self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=True)
 
@@ -140,7 +193,8 @@ class FitOnceModule(AnomalyModule):
             self.model.collect(batch["image"])
 
     def on_train_epoch_end(self) -> None:
-        self.model.fit()
+        self.model.fit(self.collective)
+        check_same_state(self.model, self.collective, "fitting")
 
     def configure_optimizers(self) -> list:
         return []  # nothing is optimised
@@ -150,7 +204,8 @@ class TrainedModule(AnomalyModule):
     """Optimises ``model.training_loss(images)`` (a dict with the total under ``"loss"``).
 
     ``model.prepare`` gets the training images before the first step and ``model.finalize`` the normal
-    images set aside for its normalisation (the data module's ``normalization_dataloader``) after the last.
+    images set aside for its normalisation (the data module's ``normalization_dataloader``) after the last,
+    both with the run's collective; every rank's model is checked to be the same after each.
     Manual optimisation, so methods with several optimisers (SimpleNet: adaptor and discriminator) need
     no special casing: every optimiser and scheduler that ``configure_optimizers`` returns is stepped once
     per batch.
@@ -162,7 +217,9 @@ class TrainedModule(AnomalyModule):
 
     def on_train_start(self) -> None:
         with torch.no_grad(), self.trainer.precision_plugin.forward_context():
-            self.model.prepare(images_on(self.trainer.datamodule.train_dataloader(), self.device))
+            batches = images_on(self.trainer.datamodule.train_dataloader(), self.device)
+            self.model.prepare(batches, self.collective)
+        check_same_state(self.model, self.collective, "prepare()")
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         optimizers = self.optimizers()
@@ -187,5 +244,8 @@ class TrainedModule(AnomalyModule):
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad(), self.trainer.precision_plugin.forward_context():
-            self.model.finalize(images_on(self.trainer.datamodule.normalization_dataloader(), self.device))
+            take_rank_zero_buffers(self.model, self.collective)
+            batches = images_on(self.trainer.datamodule.normalization_dataloader(), self.device)
+            self.model.finalize(batches, self.collective)
         self.model.train(was_training)
+        check_same_state(self.model, self.collective, "training and finalize()")

@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-from anomaly import distributed
+from anomaly.distributed import LOCAL, Collective
 from anomaly.errors import DataError
 
 
@@ -12,7 +12,7 @@ class ChannelStatistics:
 
     One pass with float64 sums of x and x² (EfficientAD's teacher normalisation, the teacher
     distillation's targets); the reference code's two passes give the same values. With several
-    processes the sums are over all of them.
+    processes the sums are over all of them (through the collective :meth:`compute` gets).
     """
 
     def __init__(self) -> None:
@@ -29,18 +29,12 @@ class ChannelStatistics:
         self.count += maps.numel() // maps.shape[1]
         self.images += len(maps)
 
-    def compute(self) -> tuple[Tensor, Tensor]:
-        """float32 ``(mean [C], std [C])``; the population std, as the references."""
-        if self.count == 0:
+    def compute(self, collective: Collective = LOCAL) -> tuple[Tensor, Tensor]:
+        """float32 ``(mean [C], std [C])`` over every rank's maps; the population std, as the references."""
+        if self.count == 0:  # every rank has images (the run checks that there are as many as ranks)
             raise DataError("channel statistics need images, got none (is the training split empty?)")
-        total, squares, count = self.total, self.squares, self.count
-        if distributed.is_distributed():  # over every process's images
-            total, squares = (
-                distributed.all_reduce_sum(total.clone()),
-                distributed.all_reduce_sum(squares.clone()),
-            )
-            count = int(distributed.all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64,
-                                                                device=total.device)))  # fmt: skip
+        total, squares = collective.sum(self.total.clone()), collective.sum(self.squares.clone())
+        count = int(collective.sum(torch.tensor([self.count], dtype=torch.int64)))
         mean = total / count
         std = (squares / count - mean.square()).clamp_min(0).sqrt()
         return mean.float(), std.float()

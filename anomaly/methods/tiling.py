@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anomaly.backbones import FeatureExtractor
+from anomaly.distributed import LOCAL, Collective
 from anomaly.errors import ConfigError
 from anomaly.methods.base import AnomalyModel, AnomalyOutput, FitOnceModel, TrainedModel
 
@@ -161,9 +162,9 @@ class TiledFitOnceModel(FitOnceModel):
         for i, model in enumerate(self.models):
             model.collect(tiles[:, i])
 
-    def fit(self) -> None:
+    def fit(self, collective: Collective = LOCAL) -> None:
         for model in self.models:
-            model.fit()
+            model.fit(collective)
 
     def update(self, batches: Iterable[Tensor]) -> None:
         """Each model learns its tiles in one update (one refit of PaDiM's inverses, one greedy extension
@@ -202,11 +203,11 @@ class TiledTrainedModel(TrainedModel):
     def training_loss(self, images: Tensor, *extra: Tensor) -> dict[str, Tensor]:
         return self.models[0].training_loss(self.tiling.split(images).flatten(0, 1), *extra)
 
-    def prepare(self, batches: Iterable[Tensor]) -> None:
-        self.models[0].prepare(self.tiling.split(images).flatten(0, 1) for images in batches)
+    def prepare(self, batches: Iterable[Tensor], collective: Collective = LOCAL) -> None:
+        self.models[0].prepare((self.tiling.split(images).flatten(0, 1) for images in batches), collective)
 
-    def finalize(self, batches: Iterable[Tensor]) -> None:
-        self.models[0].finalize(self.tiling.split(images).flatten(0, 1) for images in batches)
+    def finalize(self, batches: Iterable[Tensor], collective: Collective = LOCAL) -> None:
+        self.models[0].finalize((self.tiling.split(images).flatten(0, 1) for images in batches), collective)
 
     def use_graph_safe_ops(self) -> None:
         self.models[0].use_graph_safe_ops()

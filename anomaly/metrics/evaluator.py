@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc, binary_precision_recall_curve
 
-from anomaly import distributed
 from anomaly.calibration import metrics_at_threshold
+from anomaly.distributed import LOCAL, Collective
 from anomaly.errors import ConfigError, UndefinedMetricError
 from anomaly.metrics.aupro import pixel_auroc_and_aupro, pixel_decisions
 from anomaly.metrics.histogram import DEFAULT_BINS, PixelHistogram
@@ -28,10 +28,11 @@ class Evaluator:
     instead (48 MB by default, and 4 bytes a defect region), and the pixel metrics come with a bound on
     their error, ``pixel_auroc_max_error`` and ``pixel_aupro_max_error`` (:mod:`anomaly.metrics.histogram`).
 
-    With several processes (:mod:`anomaly.distributed`) each rank updates with its block of the test set
-    and :meth:`compute`, a collective, returns the metrics of the whole set on every rank, the same as one
-    process: the exact path gathers scores, maps and masks in rank order, the histogram path sums the
-    ranks' counts on one grid (AUPRO's float64 sums may then differ from one process's in the last bits).
+    With several processes each rank updates with its block of the test set and :meth:`compute`, given
+    the run's :class:`~anomaly.distributed.Collective`, returns the metrics of the whole set on every rank,
+    the same as one process: the exact path gathers scores, maps and masks in rank order, the histogram
+    path sums the ranks' counts on one grid (AUPRO's float64 sums may then differ from one process's in
+    the last bits).
     """
 
     def __init__(
@@ -113,9 +114,12 @@ class Evaluator:
         self._maps, self._masks = [], []
 
     def compute(
-        self, threshold: float | None = None, pixel_threshold: float | None = None
+        self,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        collective: Collective = LOCAL,
     ) -> dict[str, float]:
-        """Metrics over everything collected, by every rank: a collective, which each rank must call.
+        """Metrics over everything collected, by every rank of ``collective``, which each rank must call.
 
         Keys: ``image_auroc``, ``image_f1_max``, ``image_f1_threshold`` and, with pixel metrics,
         ``pixel_auroc`` (over all pixels of all images) and ``pixel_aupro`` (up to ``aupro_fpr_limit``),
@@ -128,8 +132,9 @@ class Evaluator:
         an entry there and its computation here. Raises ``UndefinedMetricError`` when a metric is
         undefined, e.g. when the test set holds only one class.
         """
-        with_pixels, num_pixels, map_shape = self._agree_on_layout()
-        scores, labels = _gathered(self._scores, torch.float32), _gathered(self._labels, torch.bool)
+        with_pixels, num_pixels, map_shape = self._agree_on_layout(collective)
+        scores = _gathered(self._scores, torch.float32, collective)
+        labels = _gathered(self._labels, torch.bool, collective)
         _require_both_classes(int((~labels).sum()), int(labels.sum()), "image metrics", "images")
         f1, best = f1_max(scores, labels)
         metrics = {"image_auroc": _auroc(scores, labels), "image_f1_max": f1, "image_f1_threshold": best}
@@ -138,21 +143,22 @@ class Evaluator:
         if not with_pixels:
             return metrics
         if num_pixels > self.exact_pixel_limit:
-            metrics.update(self._binned_pixel_metrics(num_pixels, pixel_threshold))
+            metrics.update(self._binned_pixel_metrics(num_pixels, pixel_threshold, collective))
         else:
-            metrics.update(self._exact_pixel_metrics(labels, map_shape, pixel_threshold))
+            metrics.update(self._exact_pixel_metrics(labels, map_shape, pixel_threshold, collective))
         if pixel_threshold is not None:
-            above = _gathered(self._map_maxima, torch.float32)[~labels] > pixel_threshold  # [good images]
+            maxima = _gathered(self._map_maxima, torch.float32, collective)
+            above = maxima[~labels] > pixel_threshold  # [good images]
             metrics["good_images_with_false_positive_pixels"] = float(above.double().mean())
         return metrics
 
-    def _agree_on_layout(self) -> tuple[bool, int, tuple[int, ...]]:
+    def _agree_on_layout(self, collective: Collective) -> tuple[bool, int, tuple[int, ...]]:
         """Over all ranks: whether pixel metrics are computed, the number of map pixels, and one map's shape
         ``(1, H, W)`` (which a rank without images needs to take part in gathering the maps)."""
         shape = tuple(self._maps[0].shape[1:]) if self._maps else (1, 0, 0)
         num_images = sum(len(scores) for scores in self._scores)
         local = [num_images, int(bool(self._with_pixels)), self._num_pixels, *shape]
-        ranks = _gather(torch.tensor([local]))
+        ranks = collective.gather_rows(torch.tensor([local]))
         ranks = ranks[ranks[:, 0] > 0]  # those with images
         if len(ranks) == 0:
             raise ValueError("no batch to evaluate: update() was never called")
@@ -161,10 +167,14 @@ class Evaluator:
         return bool(ranks[0, 1]), int(ranks[:, 2].sum()), tuple(ranks[0, 3:].tolist())
 
     def _exact_pixel_metrics(
-        self, labels: Tensor, map_shape: tuple[int, ...], pixel_threshold: float | None
+        self,
+        labels: Tensor,
+        map_shape: tuple[int, ...],
+        pixel_threshold: float | None,
+        collective: Collective,
     ) -> dict[str, float]:
-        maps = _gathered(self._maps, torch.float32, map_shape)
-        masks = _gathered(self._masks, torch.bool, map_shape)
+        maps = _gathered(self._maps, torch.float32, collective, map_shape)
+        masks = _gathered(self._masks, torch.bool, collective, map_shape)
         num_defect = int(masks.sum())
         _require_both_classes(masks.numel() - num_defect, num_defect, "pixel metrics", "pixels")
         auroc, area = pixel_auroc_and_aupro(maps, masks, self.aupro_fpr_limit)
@@ -175,13 +185,15 @@ class Evaluator:
             metrics["good_false_positive_area"] = float((maps[~labels] > pixel_threshold).double().mean())
         return metrics
 
-    def _binned_pixel_metrics(self, num_pixels: int, pixel_threshold: float | None) -> dict[str, float]:
+    def _binned_pixel_metrics(
+        self, num_pixels: int, pixel_threshold: float | None, collective: Collective
+    ) -> dict[str, float]:
         if self._histogram is None:  # this rank's share of the test set was within the limit
             self._count_into_histogram()
-        histogram = self._histogram.all_reduced()
+        histogram = self._histogram.all_reduced(collective)
         _require_both_classes(*histogram.pixel_counts(), "pixel metrics", "pixels")
         metrics = histogram.pixel_metrics(self.aupro_fpr_limit)
-        if distributed.rank() == 0:
+        if collective.rank == 0:
             log.info(
                 "Pixel metrics of %d pixels (above evaluation.exact_pixel_limit=%d) from a histogram of %d"
                 " bins: pixel AUROC within %.1e, AUPRO within %.1e of the exact values.",
@@ -240,15 +252,12 @@ def _merge(batches: list[Tensor]) -> Tensor:
     return merged
 
 
-def _gathered(batches: list[Tensor], dtype: torch.dtype, row_shape: tuple[int, ...] = ()) -> Tensor:
+def _gathered(
+    batches: list[Tensor], dtype: torch.dtype, collective: Collective, row_shape: tuple[int, ...] = ()
+) -> Tensor:
     """Every rank's batches (rows of ``row_shape``) concatenated in rank order, on the CPU (the one-process
     order: each rank holds a contiguous block of the test set). This rank's are kept merged."""
-    return _gather(_merge(batches) if batches else torch.empty((0, *row_shape), dtype=dtype))
-
-
-def _gather(local: Tensor) -> Tensor:
-    """:func:`~anomaly.distributed.all_gather_rows` on the device the backend needs, back on the CPU."""
-    return distributed.all_gather_rows(local.to(distributed.collective_device())).cpu()
+    return collective.gather_rows(_merge(batches) if batches else torch.empty((0, *row_shape), dtype=dtype))
 
 
 _BOTH_CLASSES_FIX = {

@@ -44,7 +44,7 @@ import math
 import torch
 from torch import Tensor
 
-from anomaly import distributed
+from anomaly.distributed import LOCAL, Collective
 from anomaly.metrics.aupro import area_up_to, label_regions
 
 DEFAULT_BINS = 2**20
@@ -121,17 +121,17 @@ class PixelHistogram:
             self.value_range[:, 1].scatter_reduce_(0, index, value_range[:, 1], "amax")
         self.exponent, self.offset, self.low, self.high = exponent, offset, low, high
 
-    def all_reduced(self) -> "PixelHistogram":
+    def all_reduced(self, collective: Collective = LOCAL) -> "PixelHistogram":
         """The histogram of every rank's pixels, on every rank: the ranks agree on the grid of the overall
-        minimum and maximum, then combine their bins. A collective; this rank's histogram is left as it is."""
-        device = distributed.collective_device()
+        minimum and maximum, then combine their bins. Every rank of ``collective`` calls it; this rank's
+        histogram is left as it is."""
         total = copy.deepcopy(self)
-        total._regrid(*_over_ranks(torch.tensor([[self.low, self.high]], dtype=torch.float64))[0].tolist())
-        total.counts = distributed.all_reduce_sum(total.counts.to(device)).cpu()
-        total.pro_mass = distributed.all_reduce_sum(total.pro_mass.to(device)).cpu()
-        total.value_range = _over_ranks(total.value_range)
-        maxima = torch.cat([torch.empty(0), *self.region_maxima])
-        total.region_maxima = [distributed.all_gather_rows(maxima.to(device)).cpu()]
+        bounds = torch.tensor([[self.low, self.high]], dtype=torch.float64)
+        total._regrid(*_over_ranks(bounds, collective)[0].tolist())
+        total.counts = collective.sum(total.counts)
+        total.pro_mass = collective.sum(total.pro_mass)
+        total.value_range = _over_ranks(total.value_range, collective)
+        total.region_maxima = [collective.gather_rows(torch.cat([torch.empty(0), *self.region_maxima]))]
         return total
 
     def pixel_counts(self) -> tuple[int, int]:
@@ -197,10 +197,10 @@ def _empty_ranges(num_bins: int) -> Tensor:
     return torch.tensor([math.inf, -math.inf]).repeat(num_bins, 1)
 
 
-def _over_ranks(ranges: Tensor) -> Tensor:
+def _over_ranks(ranges: Tensor, collective: Collective) -> Tensor:
     """Per row of ``ranges`` ``[n, 2]`` (smallest, largest), the smallest and largest over all ranks."""
-    signs = torch.tensor([-1.0, 1.0], dtype=ranges.dtype, device=distributed.collective_device())
-    return (distributed.all_reduce_max(ranges.to(signs.device) * signs) * signs).cpu()  # min as -max(-x)
+    signs = torch.tensor([-1.0, 1.0], dtype=ranges.dtype)
+    return collective.max(ranges * signs) * signs  # min as -max(-x)
 
 
 def _bin(value: float, exponent: int) -> int:

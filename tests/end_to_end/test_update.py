@@ -10,12 +10,9 @@ from anomaly.cli.update import update
 from anomaly.config import config_dir
 from anomaly.data.synthetic import generate_dataset
 from anomaly.errors import ConfigError
-from anomaly.methods.patchcore.coreset import (
-    ApproximateGreedyCoreset,
-    projection_matrix,
-    random_projection,
-)
+from anomaly.methods.patchcore.coreset import ApproximateGreedyCoreset, random_projection
 from anomaly.methods.patchcore.model import PatchCore
+from anomaly.methods.patchcore.reproducible import projection_matrix
 from anomaly.model_io import load_model
 
 pytestmark = pytest.mark.slow  # commands and whole runs: seconds to a minute each

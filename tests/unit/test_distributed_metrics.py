@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_streaming_metrics import defect_maps
 
-from anomaly.distributed import block_range
+from anomaly.data.datamodule import block_range
+from anomaly.distributed import LOCAL, ProcessGroupCollective
 from anomaly.metrics import Evaluator
 
 NUM_IMAGES = 9
@@ -45,12 +46,12 @@ def scaled_data() -> tuple[torch.Tensor, ...]:
     return scores, labels, maps * torch.linspace(1, 8, NUM_IMAGES)[:, None, None, None], masks
 
 
-def evaluate(rows: range, settings: dict, batch_size: int) -> dict[str, float]:
+def evaluate(rows: range, settings: dict, batch_size: int, collective=LOCAL) -> dict[str, float]:
     data = scaled_data()
     evaluator = Evaluator(**settings)
     for start in range(rows.start, rows.stop, batch_size):
         evaluator.update(*(tensor[start : min(start + batch_size, rows.stop)] for tensor in data))
-    return evaluator.compute(**THRESHOLDS)
+    return evaluator.compute(**THRESHOLDS, collective=collective)
 
 
 def run_rank(rank: int, init_file: str, out_dir: str) -> None:
@@ -60,7 +61,8 @@ def run_rank(rank: int, init_file: str, out_dir: str) -> None:
     )
     torch.set_num_threads(1)
     try:
-        results = [evaluate(rows_of(split, rank), settings, batch_size=2) for split, settings in CASES]
+        collective = ProcessGroupCollective()
+        results = [evaluate(rows_of(split, rank), settings, 2, collective) for split, settings in CASES]
     finally:
         dist.destroy_process_group()
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")

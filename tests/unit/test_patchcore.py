@@ -16,7 +16,9 @@ from anomaly.backbones.patch_features import PatchFeatures
 from anomaly.methods.patchcore import nearest_neighbors
 from anomaly.methods.patchcore.coreset import (
     ApproximateGreedyCoreset,
+    KeepAll,
     TrianglePruning,
+    coreset_sampler,
     greedy_k_center,
     random_projection,
 )
@@ -133,10 +135,15 @@ def test_coreset_size_is_int_of_n_times_ratio(num_points: int, ratio: float, exp
 
 
 def test_coreset_ratio_one_keeps_everything_in_order() -> None:
-    assert ApproximateGreedyCoreset(1.0).select(torch.randn(37, 8)).tolist() == list(range(37))
+    sampler = coreset_sampler(1.0)
+    assert isinstance(sampler, KeepAll)  # one identity sampler: nothing projected or selected
+    assert sampler.select(torch.randn(37, 8)).tolist() == list(range(37))
+    assert sampler.extend(torch.randn(5, 8), torch.randn(9, 8)).tolist() == list(range(9))
     for ratio in (0.0, 1.5, 2):  # a ratio above 1 was once silently taken as 1
         with pytest.raises(ValueError, match="coreset_ratio"):
-            ApproximateGreedyCoreset(ratio)
+            coreset_sampler(ratio)
+    with pytest.raises(ValueError, match="coreset_ratio"):  # the greedy sampler never keeps everything
+        ApproximateGreedyCoreset(1.0)
 
 
 # --- nearest neighbours ------------------------------------------------------------------------------

@@ -16,15 +16,16 @@ from torch import Tensor
 from anomaly.backbones import FeatureExtractor
 from anomaly.backbones.patch_features import PatchFeatures
 from anomaly.data.preprocessing import Preprocessing
-from anomaly.methods.patchcore.coreset import (
-    ApproximateGreedyCoreset,
+from anomaly.distributed import ProcessGroupCollective
+from anomaly.methods.patchcore.coreset import ApproximateGreedyCoreset
+from anomaly.methods.patchcore.model import PatchCore
+from anomaly.methods.patchcore.reproducible import (
     dot_rows,
     empty_for_gemv,
     in_gemv_layout,
     project,
     projection_matrix,
 )
-from anomaly.methods.patchcore.model import PatchCore
 from anomaly.methods.patchcore.spill import PatchSpill
 from anomaly.model_io import load_model, save_model
 
@@ -159,7 +160,7 @@ def test_the_spill_file_is_closed_after_a_failed_fit(tiny_backbone, smooth_image
     model.collect(smooth_images(2, seed=4))
     spill_file = model._spill._file
 
-    def failing_select(features) -> Tensor:
+    def failing_select(features, collective) -> Tensor:
         raise MemoryError("no room for the coreset")
 
     monkeypatch.setattr(model.sampler, "select", failing_select)
@@ -200,15 +201,16 @@ def run_rank(rank: int, rendezvous: str, out_dir: str, backbone: type, images: T
     torch.set_num_threads(1)  # 3 processes on 2 cores; one process runs with 2 threads
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=RANKS,
                             timeout=datetime.timedelta(seconds=120))  # fmt: skip
+    collective = ProcessGroupCollective()
     try:
         results = {}
         for name, (*_, sizes) in SELECTIONS.items():
-            results[name] = sampler_of(name).select(block_of(features_of(name), sizes, rank))
+            results[name] = sampler_of(name).select(block_of(features_of(name), sizes, rank), collective)
         for name, (dtype, ratio, sizes) in FITS.items():
             model = patchcore(backbone, dtype, ratio)
             for batch in batches_of(images, sizes, rank):
                 model.collect(batch)
-            model.fit()
+            model.fit(collective)
             results[name] = model.memory_bank
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from anomaly import distributed
 from anomaly.backbones.feature_extractor import IMAGENET_MEAN, IMAGENET_STD
+from anomaly.distributed import LOCAL, Collective
 from anomaly.errors import ConfigError, DataError
 from anomaly.methods.base import AnomalyOutput, TrainedModel, register_fitted_buffer
 from anomaly.methods.statistics import ChannelStatistics
@@ -177,18 +177,18 @@ class EfficientAD(TrainedModel):
         if teacher_weights is not None:
             load_teacher(self.teacher, Path(teacher_weights), model_size)
 
-    def prepare(self, batches: Iterable[Tensor]) -> None:
+    def prepare(self, batches: Iterable[Tensor], collective: Collective = LOCAL) -> None:
         """The teacher's per-channel mean and std over all positions of the training images."""
         if not self.teacher_loaded:
             raise ConfigError(TEACHER_HELP)
         statistics = ChannelStatistics()
         for images in batches:
             statistics.update(self.teacher_features(images))
-        mean, std = statistics.compute()
+        mean, std = statistics.compute(collective)
         self.teacher_mean = mean.reshape(1, -1, 1, 1).to(self.image_mean)
         self.teacher_std = std.reshape(1, -1, 1, 1).to(self.image_mean)
 
-    def finalize(self, batches: Iterable[Tensor]) -> None:
+    def finalize(self, batches: Iterable[Tensor], collective: Collective = LOCAL) -> None:
         """The map quantiles (q_a, q_b) of the ST and AE maps over normal images it did not train on (the
         paper's validation images; disjoint from those that calibrate the threshold)."""
         maps = [self.raw_maps(images) for images in batches]
@@ -200,7 +200,7 @@ class EfficientAD(TrainedModel):
             )
         # with several processes each holds its block of the held-out images: the quantiles are over all
         quantiles = [
-            self.map_quantiles(distributed.all_gather_rows(torch.cat(kind)))
+            self.map_quantiles(collective.gather_rows(torch.cat(kind)))
             for kind in zip(*maps, strict=True)
         ]
         for name, (low, high) in zip(("student-teacher", "autoencoder"), quantiles, strict=True):

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from anomaly import distributed
-from anomaly.errors import ConfigError
+from anomaly.distributed import LOCAL, Collective
+from anomaly.errors import ConfigError, DataError
 from anomaly.methods.base import AnomalyOutput, FitOnceModel, register_fitted_buffer
 from anomaly.methods.postprocess import upsample_and_blur
 
@@ -123,10 +123,18 @@ class Padim(FitOnceModel):
         self._run_count = 0
 
     @torch.no_grad()
-    def fit(self) -> None:
+    def fit(self, collective: Collective = LOCAL) -> None:
         """The statistics of everything collected, over all processes when several share the fit: each
-        sums its own images, then one exact combination (the same model as one process, up to rounding)."""
-        self._set_statistics(combine_across_ranks(self._collected_statistics(minimum=1)))
+        sums its own images, then one exact combination (the same model as one process, up to rounding).
+        A covariance needs two images: fewer over all processes is a DataError."""
+        statistics = combine_across_ranks(self._collected_statistics(minimum=1), collective)
+        if statistics.count < 2:
+            raise DataError(
+                f"PaDiM estimates a covariance per position and needs at least 2 training images, got "
+                f"{statistics.count}: add normal training images (dataset.n_train for generated data) or "
+                "lower dataset.calibration_fraction, which holds some of them out."
+            )
+        self._set_statistics(statistics)
 
     @torch.no_grad()
     def update(self, batches: Iterable[Tensor]) -> None:
@@ -167,7 +175,10 @@ class Padim(FitOnceModel):
 
     @torch.no_grad()
     def cross_fit_scores(
-        self, folds: Sequence[Callable[[], Iterable[Tensor]]], new_model: Callable[[], FitOnceModel]
+        self,
+        folds: Sequence[Callable[[], Iterable[Tensor]]],
+        new_model: Callable[[], FitOnceModel],
+        collective: Collective = LOCAL,
     ) -> tuple[Tensor, Tensor]:
         """Held-out scores by subtraction: each fold's model is the fitted statistics minus the fold's, so
         the backbone sees each training image once more and nothing is refitted from scratch."""
@@ -176,7 +187,7 @@ class Padim(FitOnceModel):
             batches = [(self.embed(images).float(), tuple(images.shape[-2:])) for images in fold()]
             embedding = torch.cat([x for x, _ in batches], dim=2)  # [h, w, n_f, D]
             height, width = embedding.shape[:2]
-            fold_statistics = combine_across_ranks(embedding_statistics(embedding.flatten(0, 1)))
+            fold_statistics = combine_across_ranks(embedding_statistics(embedding.flatten(0, 1)), collective)
             rest = subtract(total, fold_statistics)
             covariance = rest.scatter.div_(rest.count - 1)
             covariance.diagonal(dim1=-2, dim2=-1).add_(self.covariance_epsilon)
@@ -256,18 +267,17 @@ def combine(a: Statistics, b: Statistics) -> Statistics:
     return Statistics(count, a.mean + delta * (b.count / count), scatter)
 
 
-def combine_across_ranks(local: Statistics) -> Statistics:
+def combine_across_ranks(local: Statistics, collective: Collective) -> Statistics:
     """The statistics of every process's images (one process: ``local``): the global count and mean by
     one all-reduce, then each rank's scatter about the global mean, ``S_r + n_r (m_r − m)(m_r − m)ᵀ``,
     summed by another (Chan et al.'s combination, for any number of parts at once)."""
-    if not distributed.is_distributed():
+    if collective.size == 1:
         return local
-    count = int(distributed.all_reduce_sum(torch.tensor([float(local.count)], dtype=torch.float64,
-                                                        device=local.mean.device)))  # fmt: skip
-    mean = distributed.all_reduce_sum(local.mean * local.count) / count
+    count = int(collective.sum(torch.tensor([local.count], dtype=torch.int64)))
+    mean = collective.sum(local.mean * local.count) / count
     delta = local.mean - mean
     scatter = local.scatter.baddbmm(delta[:, :, None], delta[:, None, :], alpha=local.count)
-    return Statistics(count, mean, distributed.all_reduce_sum(scatter))
+    return Statistics(count, mean, collective.sum(scatter))
 
 
 def subtract(total: Statistics, part: Statistics) -> Statistics:

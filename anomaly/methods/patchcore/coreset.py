@@ -7,79 +7,56 @@ created once. Where the data allows, the triangle inequality lets steps skip mos
 the evenly spread magnetic tile patches gain nothing). Distances are kept squared (argmax and min do
 not change under sqrt).
 
-On several processes (:mod:`anomaly.distributed`) each rank holds its block of the points, and a step is
-a local argmax, then one all-reduce that tells every rank the farthest point of all (:class:`_Shard`).
-The selection is that of one process, index for index, because every number of a point comes out the same
-bits whichever block, rank or thread count computes it: the projection (:func:`project`), the mean it
-centres by (:func:`global_mean`) and the distances (:func:`dot_rows`).
+On several processes each rank holds its block of the points and the sampler gets the run's
+:class:`~anomaly.distributed.Collective`: a step is a local argmax, then one all-reduce that tells every
+rank the farthest point of all (:class:`_Shard`). The selection is that of one process, index for index,
+because every number of a point comes out the same bits whichever block, rank or thread count computes it
+(:mod:`~anomaly.methods.patchcore.reproducible`, and the mean it centres by, :func:`global_mean`).
+``coreset_ratio`` 1 is :class:`KeepAll`, which selects nothing.
 """
-
-import contextlib
-from collections.abc import Iterator
-from typing import Protocol
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from anomaly import distributed
+from anomaly.distributed import LOCAL, Collective
 from anomaly.errors import ConfigError
 from anomaly.methods.patchcore.nearest_neighbors import build_index
-
-PROJECTION_BLOCK_ROWS = 8192  # rows per projection product; every product has this shape (see project)
-_DOT_BLOCK_ROWS = 64  # BLAS only ever gets multiples of this many rows in a matrix-vector product
-_SUM_BLOCK_ROWS = 1024  # rows per float64 partial sum (column_sums)
+from anomaly.methods.patchcore.reproducible import dot_rows, in_gemv_layout, project, projection_matrix
+from anomaly.methods.patchcore.rows import PatchRows, as_rows, row_offset
 
 
-class PatchRows(Protocol):
-    """Patch features ``[N, D]`` read in blocks of rows: a tensor (:class:`TensorRows`) or PatchCore's spill
-    file (:class:`~anomaly.methods.patchcore.spill.PatchSpill`). On several processes, this rank's block."""
-
-    device: torch.device  # where the projected points are made
-
-    def __len__(self) -> int: ...
-
-    def feature_sum(self) -> Tensor:
-        """Column sums ``[D]`` (float64); ``[0]`` when there are no rows."""
-        ...
-
-    def blocks(self, rows: int) -> Iterator[Tensor]:
-        """The rows in order, ``[<= rows, D]`` at a time."""
-        ...
+def coreset_sampler(
+    ratio: float,
+    projection_dim: int = 128,
+    num_starting_points: int = 10,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> "ApproximateGreedyCoreset | KeepAll":
+    """The sampler that keeps ``ratio`` of the patches, ratio in (0, 1]: :class:`KeepAll` for 1."""
+    if not 0 < ratio <= 1:
+        raise ConfigError(f"coreset_ratio must be in (0, 1] (1 keeps every patch), got {ratio}")
+    if ratio == 1:
+        return KeepAll()
+    return ApproximateGreedyCoreset(ratio, projection_dim, num_starting_points, dtype, seed)
 
 
-class TensorRows:
-    """:class:`PatchRows` of a tensor ``[N, D]`` in memory."""
+class KeepAll:
+    """The sampler of ``coreset_ratio`` 1: every patch, in order (nothing projected or selected)."""
 
-    def __init__(self, features: Tensor) -> None:
-        self.features = features
-        self.device = features.device
+    def select(self, features: Tensor | PatchRows, collective: Collective = LOCAL) -> Tensor:
+        """``arange(N)`` over all ranks' rows, on every rank."""
+        rows = as_rows(features)
+        return torch.arange(row_offset(len(rows), collective)[1], device=rows.device)
 
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def feature_sum(self) -> Tensor:
-        return column_sums(self.features)
-
-    def blocks(self, rows: int) -> Iterator[Tensor]:
-        return iter(self.features.split(rows))
-
-
-def as_rows(features: Tensor | PatchRows) -> PatchRows:
-    return TensorRows(features) if isinstance(features, Tensor) else features
-
-
-def column_sums(rows: Tensor) -> Tensor:
-    """Column sums ``[D]`` (float64) of ``rows [n, D]``, a block of rows at a time: ``sum(dtype=float64)``
-    of them all would first copy them all to float64."""
-    total = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
-    for block in rows.split(_SUM_BLOCK_ROWS):
-        total += block.sum(dim=0, dtype=torch.float64)
-    return total
+    def extend(self, selected: Tensor, features: Tensor | PatchRows) -> Tensor:
+        """Every new row, in order."""
+        rows = as_rows(features)
+        return torch.arange(len(rows), device=rows.device)
 
 
 class ApproximateGreedyCoreset:
-    """Selects ``int(N * ratio)`` patch features that cover the rest (greedy k-center).
+    """Selects ``int(N * ratio)`` patch features that cover the rest (greedy k-center), ratio in (0, 1).
 
     As the official ``ApproximateGreedyCoresetSampler``: features are randomly projected to
     ``projection_dim`` (Johnson-Lindenstrauss) and the first minimum distances are the mean distances to
@@ -96,8 +73,9 @@ class ApproximateGreedyCoreset:
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
     ) -> None:
-        if not 0 < ratio <= 1:
-            raise ConfigError(f"coreset_ratio must be in (0, 1] (1 keeps every patch), got {ratio}")
+        if not 0 < ratio < 1:
+            raise ConfigError(f"coreset_ratio must be in (0, 1) for a greedy coreset (coreset_sampler gives "
+                              f"KeepAll for 1), got {ratio}")  # fmt: skip
         if projection_dim < 1 or num_starting_points < 1:
             raise ConfigError(f"projection_dim and num_starting_points must be >= 1, got {projection_dim}, "
                               f"{num_starting_points}")  # fmt: skip
@@ -110,12 +88,10 @@ class ApproximateGreedyCoreset:
         self.seed = seed
 
     def num_selected(self, num_points: int) -> int:
-        """``int(N * ratio)``, at least 1; a ratio of 1 keeps all N."""
-        if self.ratio == 1:
-            return num_points
+        """``int(N * ratio)``, at least 1."""
         return max(1, int(num_points * self.ratio))
 
-    def select(self, features: Tensor | PatchRows) -> Tensor:
+    def select(self, features: Tensor | PatchRows, collective: Collective = LOCAL) -> Tensor:
         """Coreset indices ``[n]`` (int64, in selection order, on their device) of ``features [N, D]``.
 
         On several processes ``features`` is this rank's block (the blocks in rank order are all the
@@ -124,13 +100,12 @@ class ApproximateGreedyCoreset:
         blocks concatenated.
         """
         rows = as_rows(features)
-        num_points = shard_extent(len(rows), rows.device)[1]
-        if self.ratio == 1:
-            return torch.arange(num_points, device=rows.device)
+        num_points = row_offset(len(rows), collective)[1]
         generator = torch.Generator().manual_seed(self.seed)
-        points = random_projection(rows, self.projection_dim, generator, self.dtype)
+        points = random_projection(rows, self.projection_dim, generator, self.dtype, collective)
         starts = torch.randperm(num_points, generator=generator)[: self.num_starting_points]
-        return greedy_k_center(points, self.num_selected(num_points), starts.to(rows.device))
+        count = self.num_selected(num_points)
+        return greedy_k_center(points, count, starts.to(rows.device), collective=collective)
 
     def extend(self, selected: Tensor, features: Tensor | PatchRows) -> Tensor:
         """Indices ``[n]`` into ``features [N, D]`` that extend the coreset ``selected [M, D]`` greedily:
@@ -139,8 +114,6 @@ class ApproximateGreedyCoreset:
         distance to its nearest ``selected`` row). In the same random projection as :meth:`select`, in one
         process (``anomaly-update`` runs in one)."""
         rows = as_rows(features)
-        if self.ratio == 1:
-            return torch.arange(len(rows), device=rows.device)
         generator = torch.Generator().manual_seed(self.seed)  # the same projection matrix as select()
         mean = global_mean(rows)
         matrix = projection_matrix(len(mean), self.projection_dim, generator, rows.device)
@@ -150,27 +123,24 @@ class ApproximateGreedyCoreset:
         return greedy_k_center(points, self.num_selected(len(rows)), initial_sq_dist=nearest.square())
 
 
-def shard_extent(num_rows: int, device: torch.device) -> tuple[int, int]:
-    """(the index of this rank's first row among all ranks' rows, the number of those); one process:
-    ``(0, num_rows)``."""
-    counts = distributed.all_gather_counts(num_rows, device)
-    return sum(counts[: distributed.rank()]), sum(counts)
-
-
 def random_projection(
-    features: Tensor | PatchRows, dim: int, generator: torch.Generator, dtype: torch.dtype
+    features: Tensor | PatchRows,
+    dim: int,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    collective: Collective = LOCAL,
 ) -> Tensor:
     """Centred, projected features ``[N, dim]`` in ``dtype``; ``[N, D]`` unprojected if D <= dim.
 
     On several processes, this rank's rows, centred by the mean of all ranks' (:func:`global_mean`).
     """
     rows = as_rows(features)
-    mean = global_mean(rows)
+    mean = global_mean(rows, collective)
     matrix = projection_matrix(len(mean), dim, generator, rows.device)
     return project(rows, matrix, mean, dtype)
 
 
-def global_mean(rows: PatchRows) -> Tensor:
+def global_mean(rows: PatchRows, collective: Collective = LOCAL) -> Tensor:
     """The mean ``[D]`` (float32, on the rows' device) of every rank's rows, from float64 sums.
 
     Centring changes no distance but shrinks the norms, so that ``|x|² + |c|² - 2x·c`` loses fewer bits
@@ -183,94 +153,11 @@ def global_mean(rows: PatchRows) -> Tensor:
     batch, and a provisional one (the first batch's mean) would round differently on each rank.
     """
     local = rows.feature_sum().to(rows.device)
-    dim = max(distributed.all_gather_counts(len(local), rows.device))  # a rank without rows has D = 0
+    dim = max(collective.gather_counts(len(local)))  # a rank without rows has D = 0
     total = torch.zeros(dim, dtype=torch.float64, device=rows.device)
     total[: len(local)] = local
-    count = shard_extent(len(rows), rows.device)[1]
-    return (distributed.all_reduce_sum(total) / count).float()
-
-
-def projection_matrix(
-    in_dim: int, dim: int, generator: torch.Generator, device: torch.device
-) -> Tensor | None:
-    """The seeded ``[in_dim, dim]`` projection, U(-1/sqrt(D), 1/sqrt(D)); None when D <= dim."""
-    if in_dim <= dim:
-        return None
-    bound = in_dim**-0.5
-    return ((torch.rand(in_dim, dim, generator=generator) * 2 - 1) * bound).to(device)
-
-
-def project(features: Tensor | PatchRows, matrix: Tensor | None, mean: Tensor, dtype: torch.dtype) -> Tensor:
-    """``(features - mean) @ matrix`` ``[N, P]`` in ``dtype`` (``features - mean`` if ``matrix`` is None), on
-    the features' device, a block of rows at a time so that the float32 temporaries stay small.
-
-    Every product has the one shape ``[PROJECTION_BLOCK_ROWS, D] @ [D, P]`` (the last block padded with
-    stale rows, which no output row depends on) and runs on one CPU thread. BLAS picks its kernel and splits
-    its sums by the shape and the thread count (MKL at D = 1024: a row projected among 1,000 rows, among
-    65,536, or with 2 threads instead of 1, differs in the last bit), so this way a point's projection is
-    the same bits in whichever block, process or run it is computed. One thread costs seconds at most,
-    next to minutes of greedy loop.
-    """
-    rows = as_rows(features)
-    cols = len(mean) if matrix is None else matrix.shape[1]
-    out = empty_for_gemv(len(rows), cols, dtype, rows.device)
-    block = torch.zeros(PROJECTION_BLOCK_ROWS, len(mean), device=rows.device)  # [B, D]
-    product = block if matrix is None else block.new_empty(PROJECTION_BLOCK_ROWS, cols)  # [B, P]
-    start = 0
-    with single_cpu_thread():
-        for chunk in rows.blocks(PROJECTION_BLOCK_ROWS):
-            torch.sub(chunk.to(block.device, torch.float32), mean, out=block[: len(chunk)])
-            if matrix is not None:
-                torch.mm(block, matrix, out=product)
-            out[start : start + len(chunk)] = product[: len(chunk)]
-            start += len(chunk)
-    return out
-
-
-@contextlib.contextmanager
-def single_cpu_thread() -> Iterator[None]:
-    """Runs the block on one intra-op CPU thread (see :func:`project`), then restores the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def empty_for_gemv(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An uninitialised ``[rows, cols]`` matrix stored in the layout where ``torch.mv`` on it is fastest.
-
-    Measured on 2 CPU cores, N=214k, P=128: float32 4.6 ms column-major vs 16 ms row-major (MKL);
-    float16 2.8 ms row-major vs 12 ms column-major (torch's own fp16 kernel).
-    """
-    if dtype == torch.float16:
-        return torch.empty(rows, cols, dtype=dtype, device=device)
-    return torch.empty(cols, rows, dtype=dtype, device=device).t()
-
-
-def in_gemv_layout(points: Tensor) -> Tensor:
-    """``points [N, P]`` itself if it has :func:`empty_for_gemv`'s layout, else a copy that has."""
-    target = empty_for_gemv(len(points), points.shape[1], points.dtype, points.device)
-    return points if target.stride() == points.stride() else target.copy_(points)
-
-
-def dot_rows(rows: Tensor, vector: Tensor, out: Tensor) -> Tensor:
-    """``rows [n, P] @ vector [P]`` into ``out [n]``; a row's product rounds the same wherever the row is.
-
-    BLAS runs the last rows of a matrix-vector product through other instructions than the rest (MKL,
-    float32, AVX-512: the last ``n % 16``), so a point would round differently as the last row of a rank's
-    block, of the pruning candidates or of all points. Here BLAS only ever gets multiples of 64 rows: the
-    remaining rows go through a zero-padded block of 64 in the same layout (``rows`` must be in
-    :func:`empty_for_gemv`'s).
-    """
-    body = len(rows) - len(rows) % _DOT_BLOCK_ROWS
-    torch.mv(rows[:body], vector, out=out[:body])
-    if body < len(rows):
-        tail = empty_for_gemv(_DOT_BLOCK_ROWS, rows.shape[1], rows.dtype, rows.device).zero_()
-        tail[: len(rows) - body] = rows[body:]
-        out[body:] = torch.mv(tail, vector)[: len(rows) - body]
-    return out
+    count = row_offset(len(rows), collective)[1]
+    return (collective.sum(total) / count).float()
 
 
 def greedy_k_center(
@@ -279,6 +166,7 @@ def greedy_k_center(
     starts: Tensor | None = None,
     prune: bool | None = None,
     initial_sq_dist: Tensor | None = None,
+    collective: Collective = LOCAL,
 ) -> Tensor:
     """Greedy k-center on ``points [N, P]``: ``count`` indices (int64, in selection order).
 
@@ -291,16 +179,16 @@ def greedy_k_center(
     a full step is one memory-bound pass there, and without any host synchronisation the loop queues its
     steps ahead of the GPU.
 
-    On several processes ``points`` is this rank's block of all ranks' points (in rank order), and
-    ``starts`` and the returned indices count over all of them; every rank returns the indices one process
-    returns for the blocks concatenated. The pruning stays on for each block: it only decides whose
-    distances a step computes, and a distance comes out the same bits either way (:func:`dot_rows`), so
-    neither the pruning nor where the blocks split changes the selection.
+    On several processes (``collective``) ``points`` is this rank's block of all ranks' points (in rank
+    order), and ``starts`` and the returned indices count over all of them; every rank returns the indices
+    one process returns for the blocks concatenated. The pruning stays on for each block: it only decides
+    whose distances a step computes, and a distance comes out the same bits either way (:func:`dot_rows`),
+    so neither the pruning nor where the blocks split changes the selection.
     """
     points = in_gemv_layout(points)
     num_points = len(points)
     sq_norms = torch.linalg.vector_norm(points, dim=1, dtype=torch.float32).square_().to(points.dtype)  # [N]
-    shard = _Shard(points, sq_norms)
+    shard = _Shard(points, sq_norms, collective)
     min_dist = torch.zeros(num_points, dtype=points.dtype, device=points.device)  # [N], squared
     work = torch.empty_like(min_dist)  # [N]
     center = points.new_empty(1, points.shape[1])  # [1, P], the newest centre
@@ -364,10 +252,10 @@ class _Shard:
     index among equals: what ``torch.max`` picks over all points in one process.
     """
 
-    def __init__(self, points: Tensor, sq_norms: Tensor) -> None:
-        self.points, self.sq_norms = points, sq_norms
-        self.offset = shard_extent(len(points), points.device)[0]
-        self.board = torch.zeros(distributed.world_size(), 3 + points.shape[1], dtype=torch.float64,
+    def __init__(self, points: Tensor, sq_norms: Tensor, collective: Collective) -> None:
+        self.points, self.sq_norms, self.collective = points, sq_norms, collective
+        self.offset = row_offset(len(points), collective)[0]
+        self.board = torch.zeros(collective.size, 3 + points.shape[1], dtype=torch.float64,
                                  device=points.device)  # fmt: skip
 
     def rows(self, indices: Tensor) -> tuple[Tensor, Tensor]:
@@ -378,7 +266,7 @@ class _Shard:
         rows = torch.zeros(len(indices), 1 + self.points.shape[1], dtype=torch.float64, device=indices.device)
         rows[mine, 0] = self.sq_norms[local[mine]].double()
         rows[mine, 1:] = self.points[local[mine]].double()
-        distributed.all_reduce_sum(rows)
+        rows = self.collective.sum(rows)
         return rows[:, 1:].to(self.points.dtype), rows[:, 0].to(self.points.dtype)
 
     def farthest(
@@ -394,14 +282,14 @@ class _Shard:
             torch.index_select(self.sq_norms, 0, top[1].view(1), out=center_sq)
             return top[1]
         self.board.zero_()
-        post = self.board[distributed.rank()]  # distance, index, squared norm, coordinates
+        post = self.board[self.collective.rank]  # distance, index, squared norm, coordinates
         if len(min_dist):
             post[0], post[1] = top[0], top[1] + self.offset
             post[2:3] = self.sq_norms.index_select(0, top[1].view(1))
             post[3:] = self.points.index_select(0, top[1].view(1))[0]
         else:
             post[0] = -torch.inf  # no point here: never the farthest
-        distributed.all_reduce_sum(self.board)
+        self.board = self.collective.sum(self.board)
         winner = self.board.index_select(0, self.board[:, 0].argmax().view(1))[0]  # argmax: the first
         center[0] = winner[3:]
         center_sq[0] = winner[2]

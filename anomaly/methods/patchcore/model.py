@@ -12,12 +12,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from anomaly import distributed
 from anomaly.backbones.patch_features import PatchFeatures
+from anomaly.distributed import LOCAL, Collective
 from anomaly.errors import ConfigError
 from anomaly.methods.base import AnomalyOutput, FitOnceModel, register_fitted_buffer
-from anomaly.methods.patchcore.coreset import ApproximateGreedyCoreset, shard_extent
+from anomaly.methods.patchcore.coreset import coreset_sampler
 from anomaly.methods.patchcore.nearest_neighbors import KNN_BACKENDS, FaissKnn, TorchKnn, build_index
+from anomaly.methods.patchcore.rows import row_offset, take_over_ranks
 from anomaly.methods.patchcore.spill import PatchSpill
 from anomaly.methods.postprocess import upsample_and_blur
 
@@ -69,7 +70,7 @@ class PatchCore(FitOnceModel):
         if not 0 <= blur_sigma < math.inf:
             raise ConfigError(f"blur_sigma must be finite and >= 0 (0: no blur), got {blur_sigma}")
         self.features = features
-        self.sampler = ApproximateGreedyCoreset(
+        self.sampler = coreset_sampler(
             coreset_ratio, projection_dim, num_starting_points, _CORESET_DTYPES[coreset_dtype], seed
         )
         self.num_neighbors = num_neighbors
@@ -99,7 +100,7 @@ class PatchCore(FitOnceModel):
             self._spill = PatchSpill(self.spill_dir, self.memory_bank.device)
         self._spill.append(self.embed(images).flatten(0, 1))
 
-    def fit(self) -> None:
+    def fit(self, collective: Collective = LOCAL) -> None:
         """Subsamples everything collected into the memory bank and builds the k-NN index.
 
         Memory holds the projected patches ``[N, projection_dim]`` and the bank, never all patches at full
@@ -110,9 +111,9 @@ class PatchCore(FitOnceModel):
         """
         spill, self._spill = self._spill or PatchSpill(self.spill_dir, self.memory_bank.device), None
         with spill:
-            if shard_extent(len(spill), spill.device)[1] == 0:  # on every rank alike
+            if row_offset(len(spill), collective)[1] == 0:  # on every rank alike
                 raise RuntimeError("PatchCore.fit() needs features: call collect() on normal images first")
-            self.memory_bank = _gather_rows(spill, self.sampler.select(spill))
+            self.memory_bank = take_over_ranks(spill, self.sampler.select(spill, collective), collective)
         self._knn_index()
 
     @torch.no_grad()
@@ -184,22 +185,6 @@ class PatchCore(FitOnceModel):
         anchor_dist = torch.linalg.vector_norm(test_patch - anchor, dim=-1)  # [B]
         weight = 1 - torch.exp(anchor_dist - torch.logsumexp(support_dist, dim=1))
         return weight.clamp_(min=0) * patch_scores[rows, worst]
-
-
-def _gather_rows(spill: PatchSpill, selected: Tensor) -> Tensor:
-    """The rows ``selected [M]`` (indices over all ranks' spills, in rank order) as ``[M, D]`` on the spill's
-    device, on every rank: each rank reads the rows it holds into zeros, and the sum over ranks is every
-    row exactly (a value plus zeros)."""
-    if not distributed.is_distributed():
-        return spill.take(selected).to(spill.device)
-    offset = shard_extent(len(spill), spill.device)[0]
-    dim = max(distributed.all_gather_counts(len(spill.feature_sum()), spill.device))  # D = 0 without rows
-    local = selected.cpu() - offset
-    mine = ((local >= 0) & (local < len(spill))).nonzero().squeeze(1)
-    rows = torch.zeros(len(selected), dim)
-    if len(mine):
-        rows[mine] = spill.take(local[mine])
-    return distributed.all_reduce_sum(rows.to(spill.device))
 
 
 def _drop_knn_index(module: PatchCore, incompatible_keys: object) -> None:

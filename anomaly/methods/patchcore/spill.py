@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from anomaly.methods.patchcore.coreset import column_sums
+from anomaly.methods.patchcore.rows import column_sums
 
 _BYTES_PER_VALUE = 4  # float32
 _TAKE_BLOCK_ROWS = 8192  # rows read at a time by take(): 32 MB at D = 1024
@@ -27,7 +27,7 @@ class PatchSpill:
     after an error or a kill too. ``directory`` None: the system temp dir (``TMPDIR``). ``device``: the
     model's, where the projected points and the bank are made; a spill that never gets a row knows it too,
     so that a rank without training images can take part in the fit's collectives. A
-    :class:`~anomaly.methods.patchcore.coreset.PatchRows`.
+    :class:`~anomaly.methods.patchcore.rows.PatchRows`.
     """
 
     def __init__(self, directory: str | None = None, device: torch.device | str = "cpu") -> None:
