@@ -1,10 +1,12 @@
 """A fifth method needs only its own model and config: a toy declared here, nowhere in anomaly/, is fitted,
-calibrated, tested, saved and reloaded by anomaly-train through the public contract alone."""
+calibrated, tested, saved and reloaded by anomaly-train through the public contract alone (its fit
+combining every process's images through the collective it gets)."""
 
 import pytest
 import torch
 from torch import Tensor
 
+from anomaly.distributed import LOCAL, Collective
 from anomaly.methods import METHODS
 from anomaly.methods.base import AnomalyOutput, FitOnceModel, register_fitted_buffer
 from anomaly.model_io import load_model
@@ -30,8 +32,9 @@ class MeanImage(FitOnceModel):
         self._sum = images.sum(0) if self._sum is None else self._sum + images.sum(0)
         self._count += len(images)
 
-    def fit(self) -> None:
-        self.mean = self._sum / self._count
+    def fit(self, collective: Collective = LOCAL) -> None:
+        count = collective.sum(torch.tensor([self._count]))  # over every process's images
+        self.mean = collective.sum(self._sum) / count
         self._sum = None
 
     def forward(self, images: Tensor) -> AnomalyOutput:

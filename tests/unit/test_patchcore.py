@@ -5,6 +5,7 @@ neither on pretrained weights nor on the real backbone module.
 """
 
 import copy
+import threading
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from anomaly.methods.patchcore.coreset import (
 )
 from anomaly.methods.patchcore.model import PatchCore
 from anomaly.methods.patchcore.nearest_neighbors import nearest_distances
+from anomaly.methods.patchcore.reproducible import single_cpu_thread
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +231,30 @@ def test_reweighting_scales_scores_by_a_factor_in_unit_interval(
     assert (weighted >= 0).all()
     assert (weighted <= plain * 1.0).all()
     torch.testing.assert_close(reweighted(images).anomaly_map, model(images).anomaly_map)
+
+
+def test_a_single_thread_block_leaves_other_threads_their_count() -> None:
+    """The projection's one thread is this thread's setting, not the process's: the main thread keeps its
+    count while a worker projects, and the worker gets its own back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    inside, leave, seen = threading.Event(), threading.Event(), {}
+
+    def worker() -> None:
+        torch.set_num_threads(2)
+        with single_cpu_thread():
+            seen["inside"] = torch.get_num_threads()
+            inside.set()
+            leave.wait(10)
+        seen["after"] = torch.get_num_threads()
+
+    try:
+        thread = threading.Thread(target=worker)
+        thread.start()
+        assert inside.wait(10)
+        seen["main"] = torch.get_num_threads()
+        leave.set()
+        thread.join(10)
+        assert seen == {"inside": 1, "main": 2, "after": 2}
+    finally:
+        torch.set_num_threads(threads)

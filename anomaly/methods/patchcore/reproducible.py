@@ -8,7 +8,6 @@ multiple of 64 rows (:func:`dot_rows`).
 """
 
 import contextlib
-import threading
 from collections.abc import Iterator
 
 import torch
@@ -57,33 +56,22 @@ def project(features: Tensor | PatchRows, matrix: Tensor | None, mean: Tensor, d
     return out
 
 
-_thread_lock = threading.Lock()
-_thread_holders = 0  # blocks inside single_cpu_thread, in any thread
-_saved_threads = 0  # the count the first of them found, restored by the last
-
-
 @contextlib.contextmanager
 def single_cpu_thread() -> Iterator[None]:
     """Runs the block on one intra-op CPU thread (see :func:`project`), then restores the caller's count.
 
-    torch's thread count belongs to the process, so this is a restore, not a scoped setting: other threads
-    also run on one thread meanwhile (slower, never different). It is safe across threads: the first block
-    to enter saves the count and the last to leave restores it, so overlapping blocks cannot leave the
-    process on one thread.
+    A scoped setting, not a change for the process: torch's OpenMP build keeps the intra-op count per
+    thread (OpenMP's per-thread setting and MKL's thread-local one), so a thread that already ran torch
+    keeps its own count while another projects here, and the saved count is this thread's own (a count
+    shared by the threads would need a lock, and a block entered while another holds it would then run on
+    that thread's full count, with other bits).
     """
-    global _thread_holders, _saved_threads
-    with _thread_lock:
-        if _thread_holders == 0:
-            _saved_threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _thread_holders += 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         yield
     finally:
-        with _thread_lock:
-            _thread_holders -= 1
-            if _thread_holders == 0:
-                torch.set_num_threads(_saved_threads)
+        torch.set_num_threads(threads)
 
 
 def empty_for_gemv(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
