@@ -29,8 +29,8 @@ class ImageDataset(Dataset):
     ``index`` is the sample's position in ``samples``, by which scoring finds it whichever process's block
     it came in.
 
-    ``with_masks=False``: ``{"image", "label", "path"}`` with ``transform(image)`` only (generic image
-    folders: EfficientAD's penalty images, teacher distillation). ``keep_errors=True``: an unreadable
+    ``with_masks=False``: ``{"image", "label", "path", "index"}`` with ``transform(image)`` only (generic
+    image folders: EfficientAD's penalty images, teacher distillation). ``keep_errors=True``: an unreadable
     file becomes ``{"path", "error"}`` instead of raising (prediction reports it and goes on).
     """
 

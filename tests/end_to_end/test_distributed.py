@@ -78,6 +78,9 @@ def test_a_fit_once_method_on_two_processes_fits_what_one_fits(method, small, da
     else:
         assert torch.equal(one[1]["memory_bank"], two[1]["memory_bank"])  # the same coreset, row for row
     assert_same_metrics(one[0], two[0])
+    records = [json.loads((tmp_path / run / "run.json").read_text()) for run in ("one", "two")]
+    examples = [record["sample_images"] for record in records]  # found by the position each batch carries
+    assert examples[0] == examples[1] and len(examples[0]) > 1
     calibration_one, calibration_two = one[0]["calibration"], two[0]["calibration"]
     assert calibration_one["num_images"] == calibration_two["num_images"]  # each held-out image once
     assert calibration_one["threshold"] == pytest.approx(calibration_two["threshold"], rel=1e-5)
