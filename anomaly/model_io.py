@@ -12,6 +12,7 @@ import inspect
 import json
 import math
 import os
+import re
 import stat
 import types
 import typing
@@ -37,6 +38,9 @@ FORMAT_VERSION = 2
 COMPONENTS: dict[str, type[nn.Module]] = {  # constructor key -> the class built from the mapping there
     "backbone": FeatureExtractor,
     "features": PatchFeatures,
+}
+RETIRED_ARGUMENTS = {  # method -> keys that older files hold and that are no longer model values: dropped
+    "patchcore": ("spill_dir",),  # a run setting now (paths.spill_dir): where one machine has room
 }
 MODEL_FILE_NAME = "model.safetensors"  # what anomaly-train writes into its run dir
 GOOD_FILE_HINT = (
@@ -100,7 +104,10 @@ def _write_atomically(state: dict[str, Tensor], metadata: dict[str, str], path: 
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
     mode = stat.S_IMODE(temporary.stat().st_mode)
     try:
-        save_file(state, str(temporary), metadata=metadata)  # replaces the file: its own mode, 0o600
+        try:
+            save_file(state, str(temporary), metadata=metadata)  # replaces the file: its own mode, 0o600
+        except SafetensorError as error:
+            raise _os_error(error, path) from error
         with temporary.open("r+b") as file:
             size = int.from_bytes(file.read(8), "little")
             entries = json.loads(file.read(size))
@@ -115,6 +122,17 @@ def _write_atomically(state: dict[str, Tensor], metadata: dict[str, str], path: 
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _os_error(error: SafetensorError, path: Path) -> Exception:
+    """safetensors reports a failed write as a SafetensorError ("I/O error: No space left on device (os
+    error 28)"), not an OSError: the OSError it was, naming ``path``, so that a full disk or a read-only
+    folder is the user's error to fix (:func:`anomaly.errors.user_error`); any other as it is."""
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    if found is None:
+        return error
+    code = int(found[1])
+    return OSError(code, os.strerror(code), str(path))
 
 
 def find_model_file(path: str | Path) -> Path:
@@ -141,6 +159,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     config = _json(metadata, "model", path)
     if not isinstance(config, dict):
         raise ModelFileError(f"{path}: its model config is not a mapping of values. {GOOD_FILE_HINT}")
+    for key in RETIRED_ARGUMENTS.get(method, ()):
+        config.pop(key, None)
     preprocessing_values = _json(metadata, "preprocessing", path)
     calibration_values = _json(metadata, "calibration", path)
     try:
