@@ -108,7 +108,7 @@ def run(cfg: DictConfig) -> RunResult:
             if not cfg.get("force", False):
                 if previous := finished_run(output_dir, config_text):
                     return skipped_run(output_dir, previous)
-                refuse_other_results(output_dir)
+                refuse_other_results(output_dir, config_text)
             if writes:
                 start_run(output_dir, config_text, run_record(cfg, "running", run_id))
             return fit_and_test(cfg, output_dir, run_id)
