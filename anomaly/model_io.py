@@ -148,8 +148,13 @@ def find_model_file(path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuilds the model that :func:`save_model` wrote (a run dir works too: :func:`find_model_file`)."""
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", backbone_weights_path: str | None = None
+) -> LoadedModel:
+    """Rebuilds the model that :func:`save_model` wrote (a run dir works too: :func:`find_model_file`).
+
+    ``backbone_weights_path``: the pretrained backbone's weights file on this machine, in place of the one
+    the file names (the frozen backbone's weights are not stored: they come from its config)."""
     path = find_model_file(path)
     metadata = _read_metadata(path)
     method = metadata.get("method")
@@ -161,6 +166,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         raise ModelFileError(f"{path}: its model config is not a mapping of values. {GOOD_FILE_HINT}")
     for key in RETIRED_ARGUMENTS.get(method, ()):
         config.pop(key, None)
+    if backbone_weights_path is not None:
+        config = _with_backbone_weights(config, backbone_weights_path, path)
     preprocessing_values = _json(metadata, "preprocessing", path)
     calibration_values = _json(metadata, "calibration", path)
     try:
@@ -202,6 +209,32 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     if (size := tiling.image_size if tiling else preprocessing.output_size) is not None:
         _probe(model, size, path)  # (images that keep their aspect ratio have no one size to probe)
     return LoadedModel(model.to(device).eval(), method, preprocessing, calibration, config, lineage, tiling)
+
+
+def _with_backbone_weights(config: dict, weights_path: str, path: Path) -> dict:
+    """``config`` whose pretrained backbone (under any component) loads ``weights_path``; ConfigError where
+    the model has none (its backbone random and stored in the file, or no backbone)."""
+    found = []
+
+    def replaced(node: dict) -> dict:
+        changed = dict(node)
+        for key, value in node.items():
+            pretrained = isinstance(value, dict) and (value.get("weights") or value.get("weights_path"))
+            if key == "backbone" and pretrained:
+                changed[key] = {**value, "weights_path": weights_path}
+                found.append(key)
+            elif key in COMPONENTS and key != "backbone" and isinstance(value, dict):
+                changed[key] = replaced(value)
+        return changed
+
+    changed = replaced(config)
+    if not found:
+        raise ConfigError(
+            f"backbone.weights_path={weights_path}: the model in {path} has no pretrained backbone whose "
+            "weights come from a file (its own weights are in the model file); leave backbone.weights_path "
+            "null"
+        )
+    return changed
 
 
 def _read_metadata(path: Path) -> dict[str, str]:

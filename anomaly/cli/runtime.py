@@ -113,6 +113,12 @@ def _create_folder(folder: Path, setting: str) -> None:
         )
 
 
+def backbone_weights_path(cfg: DictConfig) -> str | None:
+    """``backbone.weights_path`` of a command that loads a model file (predict, update, export): this
+    machine's file of its pretrained backbone's weights; null (or a config without it): the file's own."""
+    return OmegaConf.select(cfg, "backbone.weights_path", default=None)
+
+
 def _peer_ended(error: BaseException) -> bool:
     """A collective that failed because another process of the run ended (it reports its own error)."""
     text = str(error).lower()
