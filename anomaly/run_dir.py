@@ -64,10 +64,10 @@ def results_identity(config_text: str) -> dict:
     """The resolved config (YAML) less :data:`NOT_RESULTS`, and less :data:`PROCESS_LAYOUT` for a fit-once
     method: two configs with the same identity compute the same results."""
     config = yaml.safe_load(config_text) or {}
-    model = (config.get("method") or {}).get("model") or {}
+    target = ((config.get("method") or {}).get("model") or {}).get("_target_")
     try:
-        fits_once = issubclass(get_class(model.get("_target_", "")), FitOnceModel)
-    except Exception:  # no method, or one this version does not know: compare its layout too
+        fits_once = target is not None and issubclass(get_class(target), FitOnceModel)
+    except (ImportError, ValueError):  # a class this version does not know: compare its layout too
         fits_once = False
     for key in (*NOT_RESULTS, *(PROCESS_LAYOUT if fits_once else ())):
         *parents, name = key.split(".")

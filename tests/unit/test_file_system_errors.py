@@ -151,3 +151,10 @@ def test_a_full_spill_folder_names_it_and_the_setting_not_the_outputs(tmp_path, 
     assert f"in {folder}: No space left on device" in message, message
     assert "paths.spill_dir=<folder>" in message and "TMPDIR=<folder>" in message
     assert "hydra.run.dir" not in message and "output" not in message
+
+
+@pytest.mark.filterwarnings("ignore:backbone resnet18 is randomly initialised")
+def test_backbone_weights_path_for_a_model_without_pretrained_weights_is_refused(padim_file):
+    """Its random backbone's weights are in the file: a weights file would silently replace them."""
+    with pytest.raises(ConfigError, match=r"backbone\.weights_path=/x\.pth: the model in .* has no"):
+        load_model(padim_file, backbone_weights_path="/x.pth")
