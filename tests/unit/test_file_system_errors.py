@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 
 import anomaly
 from anomaly.errors import ConfigError, FileSystemError, describe_user_error
-from anomaly.experiment import check_settings
+from anomaly.experiment import build_model, check_settings
 from anomaly.methods.patchcore import spill as spill_module
 from anomaly.methods.patchcore.spill import PatchSpill
 from anomaly.methods.postprocess import gaussian_blur
@@ -158,3 +158,11 @@ def test_backbone_weights_path_for_a_model_without_pretrained_weights_is_refused
     """Its random backbone's weights are in the file: a weights file would silently replace them."""
     with pytest.raises(ConfigError, match=r"backbone\.weights_path=/x\.pth: the model in .* has no"):
         load_model(padim_file, backbone_weights_path="/x.pth")
+
+
+def test_the_run_hands_paths_spill_dir_to_patchcore(tmp_path):
+    model = build_model(composed("method=patchcore", f"paths.spill_dir={tmp_path}"), tiling=None)
+    assert model.spill_dir == str(tmp_path)
+    model.collect(torch.rand(1, 3, 64, 64))
+    assert os.readlink(f"/proc/self/fd/{model._spill._file.fileno()}").startswith(str(tmp_path))
+    model._spill.close()
