@@ -41,6 +41,7 @@ from anomaly.methods.base import (
     score_batches,
 )
 from anomaly.methods.lightning import AnomalyModule, DDPStrategy, ScoringModule, TestResult, collective_of
+from anomaly.methods.patchcore.model import PatchCore
 from anomaly.methods.tiling import Tiling, tile_model
 from anomaly.metrics import Evaluator
 from anomaly.model_io import MODEL_FILE_NAME, read_calibration, save_model
@@ -107,7 +108,7 @@ def run(cfg: DictConfig) -> RunResult:
             if not cfg.get("force", False):
                 if previous := finished_run(output_dir, config_text):
                     return skipped_run(output_dir, previous)
-                refuse_other_results(output_dir)
+                refuse_other_results(output_dir, config_text)
             if writes:
                 start_run(output_dir, config_text, run_record(cfg, "running", run_id))
             return fit_and_test(cfg, output_dir, run_id)
@@ -209,14 +210,35 @@ def lightning_notes_silenced() -> Iterator[None]:
         yield
 
 
+EVALUATION_VALUES = {  # evaluation.<key>: (its type, its range, the range in words)
+    "num_examples": (int, lambda value: value >= 0, "an int >= 0"),
+    "aupro_fpr_limit": (float, lambda value: 0 < value <= 1, "a number in (0, 1]"),
+    "exact_pixel_limit": (int, lambda value: value >= 0, "an int >= 0 (0: always the histogram)"),
+    "histogram_bins": (int, lambda value: value >= 2, "an int >= 2"),
+}
+
+
 def check_settings(cfg: DictConfig) -> None:
-    """The run's own values that no constructor checks, before any work: the seed and the thresholds."""
+    """The run's own values that no constructor checks before any work: the seed, the thresholds, the spill
+    folder and the evaluation (whose Evaluator is built only when testing starts, after the fit)."""
     seed = cfg.seed
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed must be an int in [0, {MAX_SEED}] (numpy's range), got {seed!r}")
     threshold = cfg.threshold
     if threshold.source != "none":
         check_budgets(threshold.false_alarm_rate, threshold.pixel_false_alarm_rate, threshold.confidence)
+    spill_dir = cfg.paths.get("spill_dir")
+    if spill_dir is not None and not Path(spill_dir).is_dir():
+        what = "is a file" if Path(spill_dir).exists() else "does not exist"
+        raise ConfigError(
+            f"paths.spill_dir={spill_dir} {what}: it must be a folder with room for PatchCore's training "
+            "patches. Create it, or name another (null: the system temp dir, $TMPDIR)."
+        )
+    for key, (kind, in_range, expected) in EVALUATION_VALUES.items():
+        value = cfg.evaluation.get(key)
+        numbers = (int, float) if kind is float else (int,)
+        if isinstance(value, bool) or not isinstance(value, numbers) or not in_range(value):
+            raise ConfigError(f"evaluation.{key} must be {expected}, got {value!r}")
 
 
 def build_trainer(cfg: DictConfig, loggers: list[Logger]) -> pl.Trainer:
@@ -229,10 +251,13 @@ def build_trainer(cfg: DictConfig, loggers: list[Logger]) -> pl.Trainer:
 
 def build_model(cfg: DictConfig, tiling: Tiling | None) -> AnomalyModel:
     """The method's model (with its backbone, where it uses one); fitted and scored tile by tile with a
-    tiling."""
+    tiling. PatchCore spills its patches into ``paths.spill_dir`` (a run setting, not saved with it)."""
 
     def build() -> AnomalyModel:
-        return instantiate(cfg.method.model)
+        model = instantiate(cfg.method.model)
+        if isinstance(model, PatchCore):
+            model.spill_dir = cfg.paths.get("spill_dir")
+        return model
 
     return build() if tiling is None else tile_model(build, tiling)
 

@@ -12,6 +12,7 @@ import inspect
 import json
 import math
 import os
+import re
 import stat
 import types
 import typing
@@ -37,6 +38,9 @@ FORMAT_VERSION = 2
 COMPONENTS: dict[str, type[nn.Module]] = {  # constructor key -> the class built from the mapping there
     "backbone": FeatureExtractor,
     "features": PatchFeatures,
+}
+RETIRED_ARGUMENTS = {  # method -> keys that older files hold and that are no longer model values: dropped
+    "patchcore": ("spill_dir",),  # a run setting now (paths.spill_dir): where one machine has room
 }
 MODEL_FILE_NAME = "model.safetensors"  # what anomaly-train writes into its run dir
 GOOD_FILE_HINT = (
@@ -100,7 +104,10 @@ def _write_atomically(state: dict[str, Tensor], metadata: dict[str, str], path: 
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
     mode = stat.S_IMODE(temporary.stat().st_mode)
     try:
-        save_file(state, str(temporary), metadata=metadata)  # replaces the file: its own mode, 0o600
+        try:
+            save_file(state, str(temporary), metadata=metadata)  # replaces the file: its own mode, 0o600
+        except SafetensorError as error:
+            raise _os_error(error, path) from error
         with temporary.open("r+b") as file:
             size = int.from_bytes(file.read(8), "little")
             entries = json.loads(file.read(size))
@@ -117,6 +124,17 @@ def _write_atomically(state: dict[str, Tensor], metadata: dict[str, str], path: 
         raise
 
 
+def _os_error(error: SafetensorError, path: Path) -> Exception:
+    """safetensors reports a failed write as a SafetensorError ("I/O error: No space left on device (os
+    error 28)"), not an OSError: the OSError it was, naming ``path``, so that a full disk or a read-only
+    folder is the user's error to fix (:func:`anomaly.errors.user_error`); any other as it is."""
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    if found is None:
+        return error
+    code = int(found[1])
+    return OSError(code, os.strerror(code), str(path))
+
+
 def find_model_file(path: str | Path) -> Path:
     """The model file that ``path`` names: a run dir (its ``model.safetensors``) or the file itself."""
     path = Path(path)
@@ -130,8 +148,13 @@ def find_model_file(path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuilds the model that :func:`save_model` wrote (a run dir works too: :func:`find_model_file`)."""
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", backbone_weights_path: str | None = None
+) -> LoadedModel:
+    """Rebuilds the model that :func:`save_model` wrote (a run dir works too: :func:`find_model_file`).
+
+    ``backbone_weights_path``: the pretrained backbone's weights file on this machine, in place of the one
+    the file names (the frozen backbone's weights are not stored: they come from its config)."""
     path = find_model_file(path)
     metadata = _read_metadata(path)
     method = metadata.get("method")
@@ -141,6 +164,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     config = _json(metadata, "model", path)
     if not isinstance(config, dict):
         raise ModelFileError(f"{path}: its model config is not a mapping of values. {GOOD_FILE_HINT}")
+    for key in RETIRED_ARGUMENTS.get(method, ()):
+        config.pop(key, None)
+    if backbone_weights_path is not None:
+        config = _with_backbone_weights(config, backbone_weights_path, path)
     preprocessing_values = _json(metadata, "preprocessing", path)
     calibration_values = _json(metadata, "calibration", path)
     try:
@@ -182,6 +209,32 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     if (size := tiling.image_size if tiling else preprocessing.output_size) is not None:
         _probe(model, size, path)  # (images that keep their aspect ratio have no one size to probe)
     return LoadedModel(model.to(device).eval(), method, preprocessing, calibration, config, lineage, tiling)
+
+
+def _with_backbone_weights(config: dict, weights_path: str, path: Path) -> dict:
+    """``config`` whose pretrained backbone (under any component) loads ``weights_path``; ConfigError where
+    the model has none (its backbone random and stored in the file, or no backbone)."""
+    found = []
+
+    def replaced(node: dict) -> dict:
+        changed = dict(node)
+        for key, value in node.items():
+            pretrained = isinstance(value, dict) and (value.get("weights") or value.get("weights_path"))
+            if key == "backbone" and pretrained:
+                changed[key] = {**value, "weights_path": weights_path}
+                found.append(key)
+            elif key in COMPONENTS and key != "backbone" and isinstance(value, dict):
+                changed[key] = replaced(value)
+        return changed
+
+    changed = replaced(config)
+    if not found:
+        raise ConfigError(
+            f"backbone.weights_path={weights_path}: the model in {path} has no pretrained backbone whose "
+            "weights come from a file (its own weights are in the model file); leave backbone.weights_path "
+            "null"
+        )
+    return changed
 
 
 def _read_metadata(path: Path) -> dict[str, str]:

@@ -1,8 +1,10 @@
 """A run's folder: held by one run at a time, its record (``run.json``) and its row in the results database.
 
-A finished run's folder is never overwritten by accident: a rerun of the identical config is skipped,
-another config is refused (``force=true`` redoes either). A failure leaves its record, ``error.log`` and
-a database row, so that a sweep's report lists it.
+A finished run's folder is never overwritten by accident: a rerun of the same config is skipped,
+another config is refused naming what differs (``force=true`` redoes either). "The same" is the same
+results: where the files are (a moved or copied sweep folder), how the run reports, and for fit-once
+methods how many processes run it, are not compared (:func:`results_identity`). A failure leaves its
+record, ``error.log`` and a database row, so that a sweep's report lists it.
 """
 
 import fcntl
@@ -13,17 +15,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from anomaly.config import data_name
 from anomaly.errors import ConfigError, describe_user_error
+from anomaly.methods.base import FitOnceModel
 from anomaly.reports.database import append_run
 from anomaly.reports.records import RunRecord
 
 log = logging.getLogger(__name__)
 TABLE_AXES = ("method", "backbone", "dataset", "dataset.category", "seed")  # never part of a variant
 LOCK_FILE = ".anomaly-train.lock"  # in the run dir, locked by the run writing there (hold_run_dir)
+NOT_RESULTS = (  # where a run's files are and how it reports: never part of what it computes
+    "paths", "logger", "force", "num_threads", "reuse_freed_memory", "optimized_metric",
+    "dataset.num_workers", "trainer.default_root_dir", "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+)  # fmt: skip
+# how many processes run it: a fit-once method fits exactly what one process fits (configs/trainer/ddp.yaml);
+# a trained one trains data-parallel, other batches, other results
+PROCESS_LAYOUT = ("trainer.devices", "trainer.num_nodes", "trainer.strategy")
 
 
 class RunDirTaken(ConfigError):
@@ -47,24 +60,71 @@ def hold_run_dir(output_dir: Path) -> Iterator[None]:
         yield
 
 
+def results_identity(config_text: str) -> dict:
+    """The resolved config (YAML) less :data:`NOT_RESULTS`, and less :data:`PROCESS_LAYOUT` for a fit-once
+    method: two configs with the same identity compute the same results."""
+    config = yaml.safe_load(config_text) or {}
+    target = ((config.get("method") or {}).get("model") or {}).get("_target_")
+    try:
+        fits_once = target is not None and issubclass(get_class(target), FitOnceModel)
+    except (ImportError, ValueError):  # a class this version does not know: compare its layout too
+        fits_once = False
+    for key in (*NOT_RESULTS, *(PROCESS_LAYOUT if fits_once else ())):
+        *parents, name = key.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(name, None)
+    return config
+
+
 def finished_run(output_dir: Path, config_text: str) -> RunRecord | None:
-    """The record of an earlier successful run in ``output_dir`` with the identical resolved config."""
+    """The record of an earlier successful run in ``output_dir`` whose config has the same results
+    (:func:`results_identity`) as ``config_text``."""
     config, record = output_dir / "config.yaml", RunRecord.read(output_dir)
-    if record is None or record.status != "ok" or not config.is_file() or config.read_text() != config_text:
+    if record is None or record.status != "ok" or not config.is_file():
         return None
-    return record
+    return record if results_identity(config.read_text()) == results_identity(config_text) else None
 
 
-def refuse_other_results(output_dir: Path) -> None:
+def refuse_other_results(output_dir: Path, config_text: str) -> None:
     """Raises :class:`RunDirTaken` where ``output_dir`` holds a successful run (of another config, once
-    :func:`finished_run` found none): an explicit or reused folder never loses results by accident."""
+    :func:`finished_run` found none), naming the settings that differ: an explicit or reused folder never
+    loses results by accident."""
     record = RunRecord.read(output_dir)
-    if record is not None and record.status == "ok":
-        raise RunDirTaken(
-            f"{output_dir} already holds the results of a run with another config (its config.yaml): "
-            "choose another folder (hydra.run.dir=<folder>, or hydra.sweep.dir for a sweep; by default "
-            "every run gets a new one), or add force=true to overwrite them."
-        )
+    if record is None or record.status != "ok":
+        return
+    config = output_dir / "config.yaml"
+    differing = (
+        _differences(results_identity(config.read_text()), results_identity(config_text))
+        if config.is_file() else []
+    )  # fmt: skip
+    if differing and all(key.startswith(PROCESS_LAYOUT) for key in differing):
+        what = (f"another config: it differs only in how many processes run it ({', '.join(differing)}), "
+                "and this method trains data-parallel, so its results would differ")  # fmt: skip
+    elif differing:
+        shown = ", ".join(differing[:6]) + (f" and {len(differing) - 6} more" if len(differing) > 6 else "")
+        what = f"another config (its config.yaml differs in {shown})"
+    else:
+        what = "another config (its config.yaml)"
+    raise RunDirTaken(
+        f"{output_dir} already holds the results of a run with {what}: choose another folder "
+        "(hydra.run.dir=<folder>, or hydra.sweep.dir for a sweep; by default every run gets a new one), "
+        "or add force=true to overwrite them."
+    )
+
+
+def _differences(old: object, new: object, path: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested mappings."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [path or "(the whole config)"]
+    keys = sorted(set(old) | set(new), key=str)
+    return [
+        found
+        for key in keys
+        for found in _differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+    ]
 
 
 def start_run(output_dir: Path, config_text: str, record: RunRecord) -> None:

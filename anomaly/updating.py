@@ -51,12 +51,15 @@ def update_model(
     batch_size: int,
     num_workers: int,
     device: torch.device,
+    backbone_weights_path: str | None = None,
 ) -> UpdateResult:
     """Adds the good images under ``images`` (searched recursively) to the fitted PaDiM or PatchCore
     ``model`` (a run dir or its model file) and writes the result to ``output`` (default:
-    ``<model>.updated-<time>.safetensors`` beside it), never over an existing file."""
+    ``<model>.updated-<time>.safetensors`` beside it), never over an existing file.
+    ``backbone_weights_path``: this machine's file of the pretrained backbone's weights (see
+    :func:`~anomaly.model_io.load_model`)."""
     model_file = find_model_file(model)
-    loaded = load_model(model_file, device=device)
+    loaded = load_model(model_file, device, backbone_weights_path)
     if not isinstance(loaded.model, FitOnceModel):
         raise ConfigError(
             f"{loaded.method} is trained by gradient steps: it learns new good parts by training again"

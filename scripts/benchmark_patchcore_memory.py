@@ -77,7 +77,8 @@ def fit(name: str, args: argparse.Namespace) -> dict:
         del features
         build_index(bank)
     else:
-        model = PatchCore(patches, **options, spill_dir=args.spill_dir)
+        model = PatchCore(patches, **options)
+        model.spill_dir = args.spill_dir
         for ids in batches:
             model.collect(ids)
         model.fit()

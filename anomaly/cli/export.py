@@ -8,7 +8,7 @@ its arguments and prints what was written. A failed parity check is a user error
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from anomaly.cli.runtime import prepare_process, report_user_errors
+from anomaly.cli.runtime import backbone_weights_path, prepare_process, report_user_errors
 from anomaly.config import CONFIG_PATH
 from anomaly.deploy.export import ExportResult, export_model
 from anomaly.deploy.formats import INPUT_NAME
@@ -22,6 +22,7 @@ def export(cfg: DictConfig) -> ExportResult:
         values["model"], values["format"], values["output"], values["input_size"], values["batch"],
         values["parity_images"], opset=values["opset"], device=choose_device(values["device"]),
         atol=values["atol"], rtol=values["rtol"], num_parity_images=values["num_parity_images"],
+        backbone_weights_path=backbone_weights_path(cfg),
     )  # fmt: skip
     print_summary(cfg, result)
     return result

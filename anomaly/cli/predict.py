@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from anomaly.cli.runtime import prepare_process, report_user_errors
+from anomaly.cli.runtime import backbone_weights_path, prepare_process, report_user_errors
 from anomaly.config import CONFIG_PATH
 from anomaly.device import choose_device
 from anomaly.model_io import load_model
@@ -20,8 +20,9 @@ from anomaly.prediction import PredictionResult, predict_folder
 def predict(cfg: DictConfig, output_dir: Path) -> Path:
     """The ``anomaly-predict`` job; returns the path of predictions.csv. DataError if nothing scored."""
     device = choose_device(cfg.device)
+    model = load_model(cfg.model, device, backbone_weights_path(cfg))
     result = predict_folder(
-        load_model(cfg.model, device=device), str(cfg.input), output_dir, threshold=cfg.threshold,
+        model, str(cfg.input), output_dir, threshold=cfg.threshold,
         pixel_threshold=cfg.pixel_threshold, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
         device=device, save_overlays=cfg.save_overlays, drift_alpha=cfg.drift_alpha,
     )  # fmt: skip

@@ -4,20 +4,26 @@ Process-wide settings (malloc, torch threads, log levels) are made here, by the 
 only: library code never changes them. A user error (bad data, a bad config value, missing weights, a
 bad model file: :class:`anomaly.errors.UserError`) prints as one short block and exits with status 1;
 ``HYDRA_FULL_ERROR=1`` shows the traceback instead. Any other exception is a bug and keeps its traceback.
+Hydra creates the run folder before the job's code runs; :class:`CreateRunDir` creates it first, so that
+a folder this user cannot create ends the same way.
 """
 
+import errno
 import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from anomaly import distributed
 from anomaly.allocator import keep_freed_memory_for_reuse
-from anomaly.errors import user_error, user_message
+from anomaly.errors import FILE_SYSTEM_FIXES, user_error, user_message
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,10 +68,55 @@ def report_user_errors(job: Callable[[], T]) -> T:
         found = user_error(error)
         if not distributed.is_launching_process() and (found is not None or _peer_ended(error)):
             sys.exit(1)
-        if found is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if found is None or _full_error():
             raise
-        print(f"\nError: {user_message(found)}\n", file=sys.stderr, flush=True)
-        sys.exit(1)
+        exit_with_error(user_message(found))
+
+
+def exit_with_error(message: str) -> NoReturn:
+    """The one block a user's error ends with: ``Error: message`` on stderr, exit status 1."""
+    print(f"\nError: {message}\n", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+_FOLDER_ERRORS = {*FILE_SYSTEM_FIXES, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG}  # the user's to fix
+
+
+class CreateRunDir(Callback):
+    """Creates the run folder (``hydra.run.dir``; a sweep's ``hydra.sweep.dir``) before Hydra does: Hydra's
+    own ``mkdir`` fails outside any job, as a traceback. A folder that cannot be created (no permission,
+    read-only, full, a file in its way) is one block naming it and the setting that moves it."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        HydraConfig.instance().set_config(config)  # the folder's name may use ${hydra:...}: as run_job does
+        _create_folder(Path(OmegaConf.select(config, "hydra.run.dir")), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        HydraConfig.instance().set_config(config)
+        _create_folder(Path(OmegaConf.select(config, "hydra.sweep.dir")), "hydra.sweep.dir")
+
+
+def _create_folder(folder: Path, setting: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        if error.errno not in _FOLDER_ERRORS or _full_error():
+            raise
+        failed = f" ({error.filename})" if error.filename and Path(error.filename) != folder else ""
+        exit_with_error(
+            f"Cannot create the output folder {folder}{failed}: {error.strerror or error}. Give this user "
+            f"write permission there (or free space), or write elsewhere: {setting}=<folder>."
+        )
+
+
+def backbone_weights_path(cfg: DictConfig) -> str | None:
+    """``backbone.weights_path`` of a command that loads a model file (predict, update, export): this
+    machine's file of its pretrained backbone's weights; null (or a config without it): the file's own."""
+    return OmegaConf.select(cfg, "backbone.weights_path", default=None)
 
 
 def _peer_ended(error: BaseException) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from anomaly.cli.runtime import prepare_process, report_user_errors
+from anomaly.cli.runtime import backbone_weights_path, prepare_process, report_user_errors
 from anomaly.config import CONFIG_PATH
 from anomaly.data.samples import describe_skipped
 from anomaly.device import choose_device
@@ -20,7 +20,7 @@ def update(cfg: DictConfig) -> Path:
     """Writes and returns the updated model file."""
     result = update_model(
         cfg.model, cfg.input, cfg.output, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-        device=choose_device(cfg.device),
+        device=choose_device(cfg.device), backbone_weights_path=backbone_weights_path(cfg),
     )  # fmt: skip
     not_used = f"\n  {describe_skipped(result.skipped)}" if result.skipped else ""
     print(f"\nAdded {result.added_images} good images to {result.parent}{not_used}\n  wrote {result.output}",

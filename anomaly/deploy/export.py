@@ -66,12 +66,13 @@ def export_model(
     atol: float,
     rtol: float,
     num_parity_images: int,
+    backbone_weights_path: str | None = None,
 ) -> ExportResult:
     """Exports the model file (or run dir) ``model`` in format ``fmt`` (a key of ``FORMATS``) to ``output``
     (default: beside it) for raw images of ``input_size`` (default: :func:`resolve_input_size`), with a
     dynamic batch axis unless ``batch`` fixes it. The file is written only after it agrees with the eager
     model on ``num_parity_images`` images (:func:`parity_images`, from ``parity_folder`` if given); else
-    ParityError, and nothing is written."""
+    ParityError, and nothing is written. ``backbone_weights_path``: as for :func:`load_model`."""
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
     if batch is not None and (not isinstance(batch, int) or batch < 1):
@@ -79,7 +80,7 @@ def export_model(
     if atol < 0 or rtol < 0 or num_parity_images < 1:
         raise ConfigError("atol and rtol must be >= 0, num_parity_images >= 1")
     model_file = find_model_file(model)
-    loaded = load_model(model_file, device=device)
+    loaded = load_model(model_file, device, backbone_weights_path)
     for module in loaded.model.modules():  # graphs and their eager reference run the backbone in float32
         if isinstance(module, FeatureExtractor) and module.precision != "float32":
             log.info(

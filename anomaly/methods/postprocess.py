@@ -4,6 +4,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomaly.errors import ConfigError
+
+MAX_BLUR_SIGMA = 1e4  # ±4σ = 40,000 px, beyond any image: a larger value is a typo (1e300 overflows)
+
+
+def check_blur_sigma(sigma: float) -> None:
+    """ConfigError unless ``sigma`` is a number in [0, MAX_BLUR_SIGMA] (0: no blur)."""
+    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not 0 <= sigma <= MAX_BLUR_SIGMA:
+        raise ConfigError(
+            f"blur_sigma must be finite and >= 0 (0: no blur) and at most {MAX_BLUR_SIGMA:g} px, "
+            f"got {sigma!r}"
+        )
+
 
 def blur_kernel_size(sigma: float) -> int:
     """Kernel covering ±4σ, as scipy.ndimage.gaussian_filter (truncate=4) used by the reference code."""
@@ -23,6 +36,11 @@ def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
 def blur_matrix(length: int, sigma: float, like: Tensor) -> Tensor:
     """``[length, length]`` M with ``row @ M`` = that row blurred (reflect padding), in ``like``'s dtype."""
     size = blur_kernel_size(sigma)
+    if size // 2 >= length:  # reflect padding cannot reach further than the map itself
+        raise ConfigError(
+            f"blur_sigma={sigma:g} blurs over ±{size // 2} px, more than a map of {length} px can reflect: "
+            f"use blur_sigma < {(length - 0.5) / 4:g} for maps of this size, or larger images"
+        )
     x = torch.arange(size, dtype=like.dtype, device=like.device) - (size - 1) / 2
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = kernel / kernel.sum()

@@ -207,6 +207,8 @@ def test_a_damaged_model_file_is_one_block_for_predict_and_update(damaged_models
         ("threshold.false_alarm_rate=1.5", "threshold.false_alarm_rate must be a number in (0, 1)"),
         ("method.model.blur_sigma=nan", "blur_sigma must be finite"),
         ("backbone.weights_path=/nowhere/weights.pth", "/nowhere/weights.pth does not exist"),
+        ("evaluation.exact_pixel_limit=-1", "evaluation.exact_pixel_limit must be an int >= 0"),
+        ("paths.spill_dir=/nowhere/scratch", "paths.spill_dir=/nowhere/scratch does not exist"),
         ("dataset.root=ROOT_FILE", "is a file, but a folder is expected"),
     ],
 )

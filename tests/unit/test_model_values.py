@@ -54,6 +54,8 @@ def set_in(section: str, key: str, value) -> Callable[[dict], None]:
         ("infinite pixel threshold", set_in("calibration", "pixel_threshold", math.inf), "Infinity"),
         ("NaN blur_sigma", set_in("model", "blur_sigma", math.nan), "non-finite number NaN"),
         ("negative blur_sigma", set_in("model", "blur_sigma", -1.0), "blur_sigma must be finite and >= 0"),
+        ("blur_sigma too large to use", set_in("model", "blur_sigma", 1e300), "blur_sigma .* at most 10000"),
+        ("blur_sigma beyond any image", set_in("model", "blur_sigma", 1e5), "blur_sigma .* at most 10000"),
         ("budget above 1", set_in("calibration", "false_alarm_rate", 1.5), "budgets and confidence"),
         ("order beyond the images", set_in("calibration", "order", 61), "order 61 of 60 images"),
         ("scores missing", set_in("calibration", "scores", [1.0]), "does not fit its 1 scores"),

@@ -3,6 +3,7 @@ selected on several processes (gloo, spawned here, no Lightning), each the selec
 memory, index for index."""
 
 import datetime
+import json
 import os
 import weakref
 from pathlib import Path
@@ -11,12 +12,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from anomaly.backbones import FeatureExtractor
 from anomaly.backbones.patch_features import PatchFeatures
 from anomaly.data.preprocessing import Preprocessing
 from anomaly.distributed import ProcessGroupCollective
+from anomaly.errors import ConfigError
 from anomaly.methods.patchcore.coreset import ApproximateGreedyCoreset
 from anomaly.methods.patchcore.model import PatchCore
 from anomaly.methods.patchcore.reproducible import (
@@ -128,7 +132,8 @@ def test_fit_from_the_spill_selects_what_select_selects_in_memory(
     dtype: str, projection_dim: int, tiny_backbone, smooth_images, tmp_path: Path
 ) -> None:
     """The old way as the reference: every patch in memory, torch.cat, select (128 >= D: not projected)."""
-    model = patchcore(tiny_backbone, dtype, projection_dim=projection_dim, spill_dir=str(tmp_path))
+    model = patchcore(tiny_backbone, dtype, projection_dim=projection_dim)
+    model.spill_dir = str(tmp_path)
     batches = smooth_images(12, seed=2).split(5)
     for batch in batches:
         model.collect(batch)
@@ -173,21 +178,32 @@ def test_the_spill_file_is_closed_after_a_failed_fit(tiny_backbone, smooth_image
 
 @pytest.mark.filterwarnings("ignore:backbone resnet18 is randomly initialised")
 def test_a_model_file_loads_without_its_spill_dir(tmp_path: Path) -> None:
+    """The spill folder is where one machine has room (paths.spill_dir), never in the file; a file that an
+    older version wrote with ``spill_dir`` in its model config loads, without it."""
     backbone = {"name": "resnet18", "layers": ["layer1", "layer2"], "weights": None}
     features = {"backbone": backbone, "pre_embed_dim": 32, "target_embed_dim": 32}
     spill_dir = tmp_path / "scratch"  # exists on the training machine only
     spill_dir.mkdir()
     model = PatchCore(PatchFeatures(FeatureExtractor(**backbone), pre_embed_dim=32, target_embed_dim=32),
-                      coreset_ratio=0.5, spill_dir=str(spill_dir))  # fmt: skip
+                      coreset_ratio=0.5)  # fmt: skip
+    model.spill_dir = str(spill_dir)
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     model.collect(images)
     model.fit()
-    config = {"features": features, "coreset_ratio": 0.5, "spill_dir": str(spill_dir)}
+    config = {"features": features, "coreset_ratio": 0.5}
+    with pytest.raises(ConfigError, match="'spill_dir' is not a parameter of PatchCore"):
+        save_model(model, "patchcore", {**config, "spill_dir": str(spill_dir)}, Preprocessing([64, 64], None),
+                   tmp_path / "model.safetensors")  # fmt: skip
     save_model(model, "patchcore", config, Preprocessing([64, 64], None), tmp_path / "model.safetensors")
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    old_config = {**json.loads(metadata["model"]), "spill_dir": str(spill_dir)}  # as older versions wrote it
+    metadata["model"] = json.dumps(old_config)
+    save_file(load_file(str(tmp_path / "model.safetensors")), str(tmp_path / "model.safetensors"), metadata)
     spill_dir.rmdir()
 
     loaded = load_model(tmp_path)
-    assert loaded.model.spill_dir is None
+    assert loaded.model.spill_dir is None and "spill_dir" not in loaded.config
     assert torch.equal(loaded.model(images).anomaly_map, model.eval()(images).anomaly_map)
     loaded.model.update([images])  # a spill in the system temp dir
     assert len(loaded.model.memory_bank) == len(model.memory_bank) * 2

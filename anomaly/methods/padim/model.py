@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from anomaly.distributed import LOCAL, Collective
 from anomaly.errors import ConfigError, DataError
 from anomaly.methods.base import AnomalyOutput, FitOnceModel, register_fitted_buffer
-from anomaly.methods.postprocess import upsample_and_blur
+from anomaly.methods.postprocess import check_blur_sigma, upsample_and_blur
 
 FLOAT32_RUN = 1024  # images summed in float32 before the sums move into the float64 totals
 
@@ -43,11 +43,12 @@ class Padim(FitOnceModel):
         total = sum(backbone.channels)
         if not 0 < n_features <= total:
             raise ConfigError(f"n_features must be in [1, {total}] (the layers' channels), got {n_features}")
-        if not (0 <= covariance_epsilon < math.inf and 0 <= blur_sigma < math.inf and position_block >= 1):
+        if not (0 <= covariance_epsilon < math.inf and position_block >= 1):
             raise ConfigError(
-                "covariance_epsilon and blur_sigma must be finite and >= 0 and position_block >= 1, got "
-                f"{covariance_epsilon}, {blur_sigma}, {position_block}"
+                "covariance_epsilon must be finite and >= 0 and position_block >= 1, got "
+                f"{covariance_epsilon}, {position_block}"
             )
+        check_blur_sigma(blur_sigma)
         generator = torch.Generator().manual_seed(seed)
         # sorted, so each layer's channels can be picked before upsampling (the distance ignores order)
         selected = torch.randperm(total, generator=generator)[:n_features].sort().values

@@ -5,9 +5,7 @@ layers; a greedy coreset of these descriptors is the memory bank, and a test pat
 it is far from its nearest bank entry.
 """
 
-import math
 from collections.abc import Iterable
-from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -20,7 +18,7 @@ from anomaly.methods.patchcore.coreset import coreset_sampler
 from anomaly.methods.patchcore.nearest_neighbors import KNN_BACKENDS, FaissKnn, TorchKnn, build_index
 from anomaly.methods.patchcore.rows import row_offset, take_over_ranks
 from anomaly.methods.patchcore.spill import PatchSpill
-from anomaly.methods.postprocess import upsample_and_blur
+from anomaly.methods.postprocess import check_blur_sigma, upsample_and_blur
 
 _CORESET_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -37,12 +35,12 @@ class PatchCore(FitOnceModel):
         reweight_neighbors: b, the number of bank neighbours of m* in Eq. 7.
         blur_sigma: Gaussian smoothing of the upsampled map, in input pixels (official: 4).
         knn_backend: "auto", "faiss" or "torch" (see :func:`build_index`).
-        spill_dir: the folder of the file where collected patches wait for :meth:`fit` (:class:`PatchSpill`;
-            it has no name and is gone after the fit); None: the system temp dir. A loaded model gets None.
-    """
 
-    # where this machine keeps a fit's temporary file: not part of the model (model_io loads it as None)
-    training_only_arguments: ClassVar[tuple[str, ...]] = ("spill_dir",)
+    ``spill_dir`` (an attribute, not an argument) is the folder of the file where collected patches wait
+    for :meth:`fit` and :meth:`update` (:class:`PatchSpill`; it has no name and is gone after the fit); None:
+    the system temp dir. It is where this machine has room, a run setting (``paths.spill_dir``) that
+    whoever fits sets: never part of the model or its file.
+    """
 
     def __init__(
         self,
@@ -57,7 +55,6 @@ class PatchCore(FitOnceModel):
         blur_sigma: float = 4.0,
         knn_backend: str = "auto",
         seed: int = 0,
-        spill_dir: str | None = None,
     ) -> None:
         super().__init__()
         if coreset_dtype not in _CORESET_DTYPES:
@@ -67,8 +64,7 @@ class PatchCore(FitOnceModel):
         if num_neighbors < 1 or reweight_neighbors < 1:
             raise ConfigError(f"num_neighbors and reweight_neighbors must be >= 1, got {num_neighbors}, "
                               f"{reweight_neighbors}")  # fmt: skip
-        if not 0 <= blur_sigma < math.inf:
-            raise ConfigError(f"blur_sigma must be finite and >= 0 (0: no blur), got {blur_sigma}")
+        check_blur_sigma(blur_sigma)
         self.features = features
         self.sampler = coreset_sampler(
             coreset_ratio, projection_dim, num_starting_points, _CORESET_DTYPES[coreset_dtype], seed
@@ -78,7 +74,7 @@ class PatchCore(FitOnceModel):
         self.reweight_neighbors = reweight_neighbors
         self.blur_sigma = blur_sigma
         self.knn_backend = knn_backend
-        self.spill_dir = spill_dir
+        self.spill_dir: str | None = None
         self._spill: PatchSpill | None = None  # the patches collected since the last fit
         register_fitted_buffer(self, "memory_bank")  # [M, D]
         self._knn: tuple[Tensor, TorchKnn | FaissKnn] | None = None  # (bank it was built from, index)

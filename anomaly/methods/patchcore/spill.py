@@ -7,6 +7,7 @@ back and drops when memory runs short. Plain reads and writes, no memory map: th
 as the process's resident memory, and written through the map they stay dirty until written back.
 """
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from anomaly.errors import FILE_SYSTEM_FIXES, FileSystemError
 from anomaly.methods.patchcore.rows import column_sums
 
 _BYTES_PER_VALUE = 4  # float32
@@ -49,15 +51,31 @@ class PatchSpill:
     def append(self, rows: Tensor) -> None:
         """Writes ``rows [n, D]`` after the rows so far (every append has the same D)."""
         rows = rows.detach().to("cpu", torch.float32).contiguous()
-        if self._file is None:
-            self._file = tempfile.TemporaryFile(dir=self.directory)  # noqa: SIM115 (closed by close())
-            self._sum = torch.zeros(rows.shape[1], dtype=torch.float64)
-        elif rows.shape[1] != len(self._sum):
+        if self._file is not None and rows.shape[1] != len(self._sum):
             raise ValueError(f"rows of width {rows.shape[1]} appended to a spill of width {len(self._sum)}")
-        self._file.seek(0, os.SEEK_END)
-        self._file.write(rows.numpy().data)
+        try:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(dir=self.directory)  # noqa: SIM115 (closed by close())
+                self._sum = torch.zeros(rows.shape[1], dtype=torch.float64)
+            self._file.seek(0, os.SEEK_END)
+            self._file.write(rows.numpy().data)
+            self._file.flush()  # a full disk fails here, naming the spill, not at a later read
+        except OSError as error:
+            raise self._spill_error(error) from error
         self._sum += column_sums(rows)
         self._num_rows += len(rows)
+
+    def _spill_error(self, error: OSError) -> OSError:
+        """A folder the user can fix (missing, a file, no permission, full) as an error naming the spill
+        folder and the setting that moves it; any other OS error as it is."""
+        if error.errno not in {*FILE_SYSTEM_FIXES, errno.ENOENT, errno.ENOTDIR}:
+            return error
+        folder = self.directory or f"{tempfile.gettempdir()} (the system temp dir)"
+        return FileSystemError(
+            f"Cannot write PatchCore's temporary file of training patches (rows x D x 4 bytes) in {folder}: "
+            f"{error.strerror or error}. Choose a folder with room that this user can write: "
+            "paths.spill_dir=<folder> (anomaly-train), or TMPDIR=<folder> for the system temp dir."
+        )
 
     def feature_sum(self) -> Tensor:
         """Column sums ``[D]`` (float64) of all rows; ``[0]`` while there are none."""

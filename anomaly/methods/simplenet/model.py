@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from anomaly.backbones.patch_features import PatchFeatures
 from anomaly.errors import ConfigError
 from anomaly.methods.base import AnomalyOutput, TrainedModel
-from anomaly.methods.postprocess import upsample_and_blur
+from anomaly.methods.postprocess import check_blur_sigma, upsample_and_blur
 
 
 def _xavier_init(module: nn.Module) -> None:
@@ -49,8 +49,7 @@ class SimpleNet(TrainedModel):
                 "discriminator_hidden, noise_std and margin must be positive and finite, got "
                 f"{discriminator_hidden}, {noise_std}, {margin}"
             )
-        if not 0 <= blur_sigma < math.inf:
-            raise ConfigError(f"blur_sigma must be finite and >= 0 (0: no blur), got {blur_sigma}")
+        check_blur_sigma(blur_sigma)
         self.features = features
         self.noise_std = noise_std
         self.margin = margin
