@@ -29,6 +29,11 @@ class Ranks:
     world_size: int
     launcher: str  # "torchrun" or "slurm"
 
+    @property
+    def hosts_store(self) -> bool:
+        """Whether :func:`watchdog_store` serves the store from this process (rank 0 under SLURM)."""
+        return self.launcher == "slurm" and self.rank == 0
+
 
 def external_ranks(environ: Mapping[str, str] = os.environ) -> Ranks | None:
     """This process's rank when torchrun or SLURM started several; None for one process (or Lightning's

@@ -27,9 +27,11 @@ GRACE_SECONDS = 5 * BEAT_SECONDS  # how long a failed rank waits for the others 
 class Watchdog:
     """One rank's side: :meth:`start` it, then :meth:`fail` on an error or :meth:`finish` at the end."""
 
-    def __init__(self, store: Store, rank: int, world_size: int) -> None:
+    def __init__(self, store: Store, rank: int, world_size: int, hosts_store: bool) -> None:
         self.store, self.rank, self.world_size = store, rank, world_size
+        self.hosts_store = hosts_store  # the store lives in this process: it leaves last
         self._stop = threading.Event()
+        self._finishing = threading.Event()  # this rank's work is done: a store that goes is no news
         self._thread = threading.Thread(target=self._watch, name="anomaly-watchdog", daemon=True)
 
     def start(self) -> None:
@@ -39,25 +41,37 @@ class Watchdog:
 
     def fail(self) -> bool:
         """Tells the other ranks that this one failed; True when this rank is the first (it prints the
-        error; a later one prints nothing). The first waits until every other rank has seen it (at most
-        :data:`GRACE_SECONDS`), since under SLURM the store lives in rank 0's process."""
+        error; a later one prints nothing). The store's host waits until the others have seen it (at most
+        :data:`GRACE_SECONDS`)."""
         self._stop.set()
         try:
             first = self.store.compare_set("failed", "", str(self.rank)).decode() == str(self.rank)
-            deadline = time.monotonic() + GRACE_SECONDS
-            while first and self.store.add("seen", 0) < self.world_size - 1 and time.monotonic() < deadline:
-                time.sleep(0.2)
+            if self.hosts_store:
+                self._await_count("seen", self.world_size - 1)
         except RuntimeError:  # the store went with its host: the others learn it from that
             return True
         return first
 
     def finish(self) -> None:
-        """This rank ended well; waits until every rank has (or one failed), so that the store's host does
-        not leave while others still watch it."""
-        self.store.add("done", 1)
-        while self.store.add("done", 0) < self.world_size:
+        """This rank ended well; waits until every rank has (or one failed). The store's host then waits
+        for the others to leave (at most :data:`GRACE_SECONDS`), so that none finds its store gone."""
+        self._finishing.set()
+        done = self.store.add("done", 1)
+        while done < self.world_size:
             time.sleep(0.2)
+            done = self.store.add("done", 0)
         self._stop.set()
+        if self.hosts_store:
+            self._await_count("left", self.world_size - 1)
+        else:
+            self._thread.join()  # its last look at the store is over before the host may leave
+            self.store.add("left", 1)
+
+    def _await_count(self, key: str, count: int) -> None:
+        """Until the counter ``key`` reaches ``count``, at most :data:`GRACE_SECONDS`."""
+        deadline = time.monotonic() + GRACE_SECONDS
+        while self.store.add(key, 0) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def explain_peer_end(self) -> None:
         """Called when a collective failed because another rank's connection closed: gives this thread the
@@ -84,8 +98,9 @@ class Watchdog:
                     elif count and now - since > SILENT_SECONDS and not self._stop.is_set():
                         self._end(self._silent(rank))
             except RuntimeError:  # the store's host (rank 0 under SLURM, torchrun's agent) went
-                if not self._stop.is_set():
+                if not self._stop.is_set() and not self._finishing.is_set():
                     self._end("rank 0 ended without a word (kill -9, out of memory?): its store went")
+                return
 
     def _silent(self, rank: int) -> str:
         who = self.store.get(f"who/{rank}").decode()

@@ -62,7 +62,7 @@ def start_watchdog(cfg: DictConfig) -> Watchdog | None:
         print(f"Error: rank {ranks.rank} stops because rank 0 did not open the run's store within "
               f"{CONNECT_SECONDS:.0f} s: see its output", file=sys.stderr, flush=True)  # fmt: skip
         sys.exit(1)
-    watchdog = Watchdog(store, ranks.rank, ranks.world_size)
+    watchdog = Watchdog(store, ranks.rank, ranks.world_size, hosts_store=ranks.hosts_store)
     watchdog.start()
     return watchdog
 
