@@ -24,9 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 from anomaly import distributed
 from anomaly.allocator import keep_freed_memory_for_reuse
 from anomaly.errors import FILE_SYSTEM_FIXES, user_error, user_message
+from anomaly.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+PEER_ENDED = (
+    "another process of this run ended, and this one stops too: its error is above, or it was killed "
+    "(kill -9, out of memory)"
+)
 
 
 def prepare_process(reuse_freed_memory: bool = True, num_threads: int | None = None) -> None:
@@ -59,14 +64,23 @@ def set_cpu_threads(num_threads: int | None) -> None:
     log.info("Torch CPU threads: %d", num_threads)
 
 
-def report_user_errors(job: Callable[[], T]) -> T:
-    """Runs ``job``; a user error becomes one block on stderr and exit status 1. In a distributed run rank 0
-    prints it and the other ranks end quietly (every rank meets the same error, or sees rank 0 go)."""
+def report_user_errors(job: Callable[[], T], watchdog: Watchdog | None = None) -> T:
+    """Runs ``job``; a user error becomes one block on stderr and exit status 1. In a distributed run one
+    rank prints it: with a ``watchdog`` (ranks that torchrun or SLURM started) the first rank that failed,
+    and the others stop; else rank 0, and the other ranks end quietly (every rank meets the same error, or
+    sees rank 0 go). A rank whose collective failed because another rank ended says so in one line."""
     try:
         return job()
     except Exception as error:
-        found = user_error(error)
-        if not distributed.is_launching_process() and (found is not None or _peer_ended(error)):
+        found, peer_ended = user_error(error), _peer_ended(error)
+        if watchdog is not None:
+            if peer_ended:
+                watchdog.explain_peer_end()
+            if not watchdog.fail():
+                sys.exit(1)  # another rank failed first and printed its error
+        elif peer_ended or (found is not None and not distributed.is_launching_process()):
+            if distributed.is_launching_process():
+                print(f"\nError: {PEER_ENDED}\n", file=sys.stderr, flush=True)
             sys.exit(1)
         if found is None or _full_error():
             raise
@@ -123,5 +137,6 @@ def _peer_ended(error: BaseException) -> bool:
     """A collective that failed because another process of the run ended (it reports its own error)."""
     text = str(error).lower()
     return isinstance(error, RuntimeError) and any(
-        sign in text for sign in ("connection closed by peer", "connection reset", "broken pipe")
+        sign in text
+        for sign in ("connection closed by peer", "connection reset", "broken pipe", "connection refused")
     )

@@ -8,11 +8,13 @@ has to model the surface rather than memorise pixels. A defect is blended in thr
 renderer per surface and per defect type, kept together because they share the scene they draw on.)
 """
 
+import fcntl
 import itertools
 import json
 import shutil
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -107,25 +109,38 @@ def ensure_dataset(
     """Generates the categories whose ``.complete`` marker is missing or records other parameters.
 
     Returns ``root``. A folder with another marker is regenerated; a non-empty folder without any
-    marker is not ours (perhaps real data) and is refused rather than replaced.
+    marker is not ours (perhaps real data) and is refused rather than replaced. Several processes may call
+    this at once (the ranks of a run, parallel jobs): one generates, the others wait for it and then find
+    the marker (:func:`_generation_lock`).
     """
     root = Path(root)
-    for category in categories:
-        folder = root / category
-        if folder.is_dir() and any(folder.iterdir()) and _read_marker(folder) is None:
-            raise OccupiedFolderError(
-                f"{folder} exists but was not written by the generator (no {_MARKER} marker), so it is not "
-                "replaced: move it away or pass another dataset.root."
-            )
-    stale = [
-        category
-        for category in categories
-        if _read_marker(root / category)
-        != _parameters(category, n_train, n_test_good, n_test_defect, image_size, seed, n_calibration)
-    ]
-    if stale:
-        generate_dataset(root, stale, n_train, n_test_good, n_test_defect, image_size, seed, n_calibration)
+    with _generation_lock(root):
+        for category in categories:
+            folder = root / category
+            if folder.is_dir() and any(folder.iterdir()) and _read_marker(folder) is None:
+                raise OccupiedFolderError(
+                    f"{folder} exists but was not written by the generator (no {_MARKER} marker), so it is "
+                    "not replaced: move it away or pass another dataset.root."
+                )
+        counts = (n_train, n_test_good, n_test_defect, image_size, seed, n_calibration)
+        stale = [name for name in categories if _read_marker(root / name) != _parameters(name, *counts)]
+        if stale:
+            generate_dataset(root, stale, *counts)
     return root
+
+
+@contextmanager
+def _generation_lock(root: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<root>/.generation.lock`` while the markers are read and written: the
+    ranks of a run exist before any process group (torchrun, srun), so a file lock is what they share
+    with each other and with unrelated jobs on one folder; the kernel drops it if its holder dies."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".generation.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _parameters(
