@@ -71,7 +71,10 @@ def require(module: str, pip_name: str, purpose: str, alternative: str | None = 
         ) from error
 
 
-_ELSEWHERE = "or write the outputs elsewhere (hydra.run.dir=<folder>, paths.output_root=<folder>)"
+_ELSEWHERE = (  # hydra.run.dir does not follow paths.output_root: each moves its own files
+    "or write elsewhere (the run's files: hydra.run.dir=<folder>, a sweep's hydra.sweep.dir=<folder>; "
+    "generated data and the results database: paths.output_root=<folder>)"
+)
 FILE_SYSTEM_FIXES = {  # errno -> the fix; other OS errors are bugs or hardware and keep their traceback
     errno.EACCES: f"Give this user permission on it (read for inputs, write for outputs), {_ELSEWHERE}.",
     errno.EPERM: f"Give this user permission on it, {_ELSEWHERE}.",
