@@ -88,7 +88,8 @@ def test_ensure_dataset_regenerates_only_stale_categories(tmp_path):
     assert not sentinel.exists()
     assert len(pngs(tmp_path / "tile" / "train" / "good")) == 3
     assert json.loads(marker.read_text())["n_train"] == 3
-    assert [p.name for p in tmp_path.iterdir()] == ["tile"], "no staging folder may be left behind"
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".generation.lock", "tile"], "no staging folder may be left behind (the lock file stays)"
 
 
 def test_unknown_category_is_rejected(tmp_path):
