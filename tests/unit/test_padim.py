@@ -38,12 +38,22 @@ def test_statistics_equal_direct_numpy_computation(smooth_images, backbone, monk
 def test_embedding_is_the_concatenation_of_upsampled_layers_with_the_selected_channels(
     smooth_images, backbone
 ):
+    """Each first-layer cell takes the deeper cell whose centre is nearest its own (a tie: the lower one).
+
+    The tiny backbone's cells of stride s lie on pixels s·i; nearest-upsampling by index (floor(i·h/h_0),
+    PaDiM's code) would give first-layer cell 3 (pixel 12) the stride-16 cell 0 (pixel 0), not cell 1 (16).
+    """
     model = Padim(backbone, n_features=12, seed=5)
     images = smooth_images(3, seed=0)
     features = list(backbone(images).values())
     grid = features[0].shape[-2:]
     assert any(feature.shape[-2:] != grid for feature in features)  # the test covers upsampling
-    upsampled = [torch.nn.functional.interpolate(feature, size=grid, mode="nearest") for feature in features]
+    centres = 4 * torch.arange(grid[0])  # first layer: stride 4
+    upsampled = []
+    for feature, stride in zip(features, backbone.strides, strict=True):
+        nearest = torch.ceil(centres / stride - 0.5).long().clamp(max=feature.shape[-1] - 1)
+        upsampled.append(feature[:, :, nearest][:, :, :, nearest])
+    assert nearest.tolist()[:5] == [0, 0, 0, 1, 1]  # stride 16: what by index would be 0, 0, 0, 0, 1
     expected = torch.cat(upsampled, dim=1).index_select(1, model.channel_index)  # [B, D, h, w]
     assert torch.equal(model.embed(images), expected.permute(2, 3, 0, 1))
 

@@ -3,6 +3,7 @@
 import torch
 from torchvision.transforms.v2.functional import gaussian_blur as torchvision_blur
 
+from anomaly.backbones.geometry import Axis
 from anomaly.methods.postprocess import blur_kernel_size, gaussian_blur, upsample_and_blur
 
 
@@ -15,7 +16,7 @@ def test_separable_blur_equals_torchvision():
 def test_upsampled_map_has_image_size_and_keeps_the_peak_place():
     scores = torch.zeros(1, 1, 8, 8)
     scores[0, 0, 2, 5] = 1.0
-    maps = upsample_and_blur(scores, (64, 64), sigma=4.0)
+    maps = upsample_and_blur(scores, (Axis(3.5, 8), Axis(3.5, 8)), (64, 64), sigma=4.0)
     assert maps.shape == (1, 1, 64, 64)
     row, col = divmod(int(maps.argmax()), 64)
     assert 16 <= row < 24 and 40 <= col < 48

@@ -1,10 +1,11 @@
 """PaDiM: a multivariate Gaussian per feature-map position (Defard et al., ICPR 2020).
 
 Follows the paper and its reference code: the backbone's layers (layer1-3 for ResNets) are
-concatenated on the first layer's grid (deeper maps nearest-upsampled), ``n_features`` channels are
-kept by a seeded random selection, and each position gets a mean and a covariance + 0.01·I. A test
-patch scores its Mahalanobis distance; the map is upsampled to the image, blurred (σ = 4) and its
-maximum is the image score.
+concatenated on the first layer's grid (each deeper cell where its centre is nearest), ``n_features``
+channels are kept by a seeded random selection, and each position gets a mean and a covariance
++ 0.01·I. A test patch scores its Mahalanobis distance; the map is upsampled to the image (each cell
+peaking on the pixel its receptive field is centred on, :mod:`anomaly.backbones.geometry`), blurred
+(σ = 4) and its maximum is the image score.
 
 Statistics are accumulated streaming (per-position sums of x and x·xᵀ on data shifted by the first
 batch's mean), so memory does not grow with the train set. Each batch adds into a float32 sum in place
@@ -17,10 +18,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anomaly import distributed
+from anomaly.backbones.geometry import GridGeometry, resample_nearest
 from anomaly.errors import ConfigError
 from anomaly.methods.base import AnomalyOutput, FitOnceModel, register_fitted_buffer
 from anomaly.methods.postprocess import upsample_and_blur
@@ -40,6 +41,7 @@ class Padim(FitOnceModel):
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.geometry = GridGeometry()
         total = sum(backbone.channels)
         if not 0 < n_features <= total:
             raise ConfigError(f"n_features must be in [1, {total}] (the layers' channels), got {n_features}")
@@ -72,16 +74,18 @@ class Padim(FitOnceModel):
     def embed(self, images: Tensor) -> Tensor:
         """Returns embeddings ``[h, w, B, D]`` on the first layer's grid (D = n_features).
 
-        The layers are concatenated on that grid (deeper ones nearest-upsampled) and ``channel_index``
+        The layers are concatenated on that grid (each deeper cell read where its centre is nearest, by the
+        backbone's geometry at this image size) and ``channel_index``
         is kept. Positions come first so that each position's ``[B, D]`` block is contiguous for the
         batched matmuls; each layer is picked into that layout from its channels-last map, then concatenated.
         """
         features = list(self.backbone(images).values())
+        axes = self.geometry(self.backbone, images.shape[-2:])
         grid = features[0].shape[-2:]
         parts = []
-        for feature, index in zip(features, self._kept_channels_per_layer(), strict=True):
-            if feature.shape[-2:] != grid:
-                feature = F.interpolate(feature, size=grid, mode="nearest")
+        for feature, layer_axes, index in zip(features, axes, self._kept_channels_per_layer(), strict=True):
+            if feature.shape[-2:] != grid or layer_axes != axes[0]:
+                feature = resample_nearest(feature, layer_axes, axes[0], grid)
             parts.append(feature.permute(2, 3, 0, 1).index_select(3, index))
         return torch.cat(parts, dim=3)
 
@@ -212,7 +216,8 @@ class Padim(FitOnceModel):
     def _maps(self, distances: Tensor, height: int, width: int, image_size: tuple[int, int]) -> AnomalyOutput:
         """Maps and scores from per-position distances ``[P, B]`` on the ``height × width`` grid."""
         patch_scores = distances.T.reshape(-1, 1, height, width)
-        anomaly_map = upsample_and_blur(patch_scores, image_size, self.blur_sigma)
+        axes = self.geometry(self.backbone, image_size)[0]
+        anomaly_map = upsample_and_blur(patch_scores, axes, image_size, self.blur_sigma)
         return AnomalyOutput(anomaly_map, anomaly_map.amax(dim=(1, 2, 3)))
 
     def mahalanobis(self, x: Tensor) -> Tensor:
