@@ -139,13 +139,6 @@ def linear_weights(axis: Axis, cells: int, positions: Tensor) -> Tensor:
     return (cell == low[:, None]) * (1 - high_share) + (cell == low[:, None] + 1) * high_share
 
 
-def nearest_cells(axis: Axis, cells: int, positions: Tensor) -> Tensor:
-    """Index ``[len(positions)]`` of the cell whose centre is nearest each input pixel position (a tie goes
-    to the lower cell: on a grid of twice the stride, cells 2i and 2i+1 read cell i, as PaDiM's code)."""
-    at = torch.ceil((positions - axis.offset) / axis.stride - 0.5)
-    return at.clamp(0, cells - 1).long()
-
-
 def cell_centres(axis: Axis, cells: int, like: Tensor) -> Tensor:
     """``[cells]`` image pixel positions of the cell centres, in ``like``'s dtype and device."""
     return axis.offset + axis.stride * torch.arange(cells, dtype=like.dtype, device=like.device)
@@ -153,15 +146,6 @@ def cell_centres(axis: Axis, cells: int, like: Tensor) -> Tensor:
 
 def pixel_positions(length: int, like: Tensor) -> Tensor:
     return torch.arange(length, dtype=like.dtype, device=like.device)
-
-
-def resample_nearest(
-    feature: Tensor, axes: tuple[Axis, Axis], onto: tuple[Axis, Axis], size: Sequence[int]
-) -> Tensor:
-    """``[B, C, h, w]`` on ``axes`` → ``[B, C, *size]`` on the grid ``onto``: each cell takes the nearest."""
-    rows = nearest_cells(axes[0], feature.shape[-2], cell_centres(onto[0], size[0], feature))
-    cols = nearest_cells(axes[1], feature.shape[-1], cell_centres(onto[1], size[1], feature))
-    return feature.index_select(-2, rows).index_select(-1, cols)
 
 
 def resample_linear(

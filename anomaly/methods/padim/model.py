@@ -1,7 +1,7 @@
 """PaDiM: a multivariate Gaussian per feature-map position (Defard et al., ICPR 2020).
 
 Follows the paper and its reference code: the backbone's layers (layer1-3 for ResNets) are
-concatenated on the first layer's grid (each deeper cell where its centre is nearest), ``n_features``
+concatenated on the first layer's grid (deeper maps interpolated at its cells' centres), ``n_features``
 channels are kept by a seeded random selection, and each position gets a mean and a covariance
 + 0.01·I. A test patch scores its Mahalanobis distance; the map is upsampled to the image (each cell
 peaking on the pixel its receptive field is centred on, :mod:`anomaly.backbones.geometry`), blurred
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from anomaly import distributed
-from anomaly.backbones.geometry import GridGeometry, resample_nearest
+from anomaly.backbones.geometry import GridGeometry, resample_linear
 from anomaly.errors import ConfigError
 from anomaly.methods.base import AnomalyOutput, FitOnceModel, register_fitted_buffer
 from anomaly.methods.postprocess import upsample_and_blur
@@ -74,19 +74,22 @@ class Padim(FitOnceModel):
     def embed(self, images: Tensor) -> Tensor:
         """Returns embeddings ``[h, w, B, D]`` on the first layer's grid (D = n_features).
 
-        The layers are concatenated on that grid (each deeper cell read where its centre is nearest, by the
-        backbone's geometry at this image size) and ``channel_index``
-        is kept. Positions come first so that each position's ``[B, D]`` block is contiguous for the
-        batched matmuls; each layer is picked into that layout from its channels-last map, then concatenated.
+        The layers are concatenated on that grid and ``channel_index`` is kept. Deeper layers are
+        interpolated linearly at each first-layer cell's centre (by the backbone's geometry at this image
+        size); the reference's nearest upsampling repeats deeper cell j over cells 2j and 2j+1 (4j..4j+3
+        for layer3), which puts its values 2 px (6 px) off their centres and shifts the map's peak.
+        Positions come first so that each position's ``[B, D]`` block is contiguous for the
+        batched matmuls; each layer's kept channels are picked before interpolating, then concatenated.
         """
         features = list(self.backbone(images).values())
         axes = self.geometry(self.backbone, images.shape[-2:])
         grid = features[0].shape[-2:]
         parts = []
         for feature, layer_axes, index in zip(features, axes, self._kept_channels_per_layer(), strict=True):
+            feature = feature.index_select(1, index)  # [B, D_layer, h_l, w_l]
             if feature.shape[-2:] != grid or layer_axes != axes[0]:
-                feature = resample_nearest(feature, layer_axes, axes[0], grid)
-            parts.append(feature.permute(2, 3, 0, 1).index_select(3, index))
+                feature = resample_linear(feature, layer_axes, axes[0], grid)
+            parts.append(feature.permute(2, 3, 0, 1))
         return torch.cat(parts, dim=3)
 
     def _kept_channels_per_layer(self) -> list[Tensor]:
