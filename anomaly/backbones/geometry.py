@@ -65,7 +65,8 @@ def probe_geometry(backbone: nn.Module, image_size: tuple[int, int]) -> list[tup
 
     def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         for dim in (0, 1):
-            steps[dim].append(module_step(module, dim, inputs[0].shape[2 + dim], output.shape[2 + dim]))
+            sizes = int(inputs[0].shape[2 + dim]), int(output.shape[2 + dim])  # ints also under jit.trace
+            steps[dim].append(module_step(module, dim, *sizes))
 
     handles = [m.register_forward_hook(record) for m in backbone.modules() if isinstance(m, _SPATIAL)]
     try:
@@ -78,7 +79,7 @@ def probe_geometry(backbone: nn.Module, image_size: tuple[int, int]) -> list[tup
             handle.remove()
     return [
         tuple(
-            compose(steps[dim], image_size[dim], feature.shape[2 + dim], f"layer {name!r}")
+            compose(steps[dim], image_size[dim], int(feature.shape[2 + dim]), f"layer {name!r}")
             for dim in (0, 1)
         )
         for name, feature in (outputs.items() if isinstance(outputs, dict) else [("output", outputs)])
