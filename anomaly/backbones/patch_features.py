@@ -1,15 +1,19 @@
 """Locally aware patch features (PatchCore, Roth et al. 2022, Sec. 3.1, as its official code builds them).
 
-Each layer's map is unfolded into p×p neighbourhoods, deeper layers' patch grids are upsampled to the
-finest layer's grid, each flattened patch is average-pooled to a length and the layers are concatenated
-(and pooled again). PatchCore's memory bank, SimpleNet's discriminator input and EfficientAD's teacher
-distillation targets are all these features.
+Each layer's map is unfolded into p×p neighbourhoods, deeper layers' patch grids are interpolated onto
+the finest layer's grid (between the cells centred around each finest cell's centre, by the backbone's
+geometry at the image's size: :mod:`anomaly.backbones.geometry`), each flattened patch is average-pooled
+to a length and the layers are concatenated (and pooled again). PatchCore's memory bank, SimpleNet's
+discriminator input and EfficientAD's teacher distillation targets are all these features.
 """
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anomaly.backbones.geometry import Axis, GridGeometry, resample_linear
 from anomaly.errors import ConfigError
 
 
@@ -44,13 +48,22 @@ class PatchFeatures(nn.Module):
         self.pre_embed_dim = pre_embed_dim
         self.target_embed_dim = target_embed_dim
         self.dim = target_embed_dim or sum(pre_embed_dim or c for c in backbone.channels)  # D
+        self.geometry = GridGeometry()
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         feature_maps = list(self.backbone(images).values())
         return aggregate_patch_features(
-            feature_maps, self.patch_size, self.pre_embed_dim, self.target_embed_dim
+            feature_maps,
+            self.geometry(self.backbone, images.shape[-2:]),
+            self.patch_size,
+            self.pre_embed_dim,
+            self.target_embed_dim,
         )
+
+    def grid_axes(self, image_size: Sequence[int]) -> tuple[Axis, Axis]:
+        """Where the cells of the features' ``h×w`` grid (the first layer's) lie in an image of that size."""
+        return self.geometry(self.backbone, image_size)[0]
 
 
 def unfold_patches(feature_map: Tensor, patch_size: int) -> Tensor:
@@ -69,19 +82,26 @@ def adaptive_mean(vectors: Tensor, length: int) -> Tensor:
 
 
 def aggregate_patch_features(
-    feature_maps: list[Tensor], patch_size: int, pre_embed_dim: int | None, target_embed_dim: int | None
+    feature_maps: list[Tensor],
+    axes: Sequence[tuple[Axis, Axis]],
+    patch_size: int,
+    pre_embed_dim: int | None,
+    target_embed_dim: int | None,
 ) -> Tensor:
-    """``[B, h, w, D]`` patch features from layer maps ``[B, C_i, h_i, w_i]`` (see :class:`PatchFeatures`).
+    """``[B, h, w, D]`` patch features from layer maps ``[B, C_i, h_i, w_i]`` whose cells lie at ``axes``
+    (rows, cols per layer; see :class:`PatchFeatures`).
 
-    Deeper layers' patch grids are upsampled (bilinear) to the first layer's ``h×w`` grid, as the
-    official code does on the patch tensors; results are concatenated in layer order.
+    Deeper layers' patch grids are interpolated (bilinear) onto the first layer's ``h×w`` grid, as the
+    official code does on the patch tensors, but between the cells whose centres surround each first-layer
+    cell's centre (the official ``F.interpolate`` assumes centres that are off by up to a stride); results
+    are concatenated in layer order.
     """
     batch, _, height, width = feature_maps[0].shape
     pooled = []
-    for feature_map in feature_maps:
+    for feature_map, layer_axes in zip(feature_maps, axes, strict=True):
         patches = unfold_patches(feature_map, patch_size)  # [B, C·p·p, h_i, w_i]
-        if patches.shape[-2:] != (height, width):
-            patches = F.interpolate(patches, size=(height, width), mode="bilinear", align_corners=False)
+        if patches.shape[-2:] != (height, width) or layer_axes != axes[0]:
+            patches = resample_linear(patches, layer_axes, axes[0], (height, width))
         patches = patches.permute(0, 2, 3, 1).reshape(batch * height * width, -1)  # [B·h·w, C·p·p]
         pooled.append(adaptive_mean(patches, pre_embed_dim or feature_map.shape[1]))
     stacked = torch.cat(pooled, dim=1)  # [B·h·w, sum of pooled sizes]

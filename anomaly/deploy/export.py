@@ -95,6 +95,8 @@ def export_model(
     metadata = export_metadata(loaded, model_file, input_shape, preprocess.output_size)
     images, description = parity_images(parity_folder, num_parity_images, model_file, size)
     example = images[torch.arange(batch or TRACE_BATCH) % len(images)].to(device)
+    with torch.no_grad():  # once eagerly: the backbones' cell geometry at this size is probed, not traced
+        exported(example)
 
     staging = output.parent / f".{output.name}.partial"  # the file(s) appear at output only once verified
     shutil.rmtree(staging, ignore_errors=True)

@@ -1,9 +1,10 @@
-"""Turning patch-level scores into image-sized anomaly maps, as PaDiM and PatchCore both do."""
+"""Turning patch-level scores into image-sized anomaly maps, as every method does."""
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomaly.backbones.geometry import Axis, linear_weights, pixel_positions
 from anomaly.errors import ConfigError
 
 MAX_BLUR_SIGMA = 1e4  # ±4σ = 40,000 px, beyond any image: a larger value is a typo (1e300 overflows)
@@ -49,10 +50,21 @@ def blur_matrix(length: int, sigma: float, like: Tensor) -> Tensor:
     return F.conv1d(padded, kernel.view(1, 1, size))[:, 0]
 
 
-def upsample_and_blur(patch_scores: Tensor, image_size: tuple[int, int], sigma: float) -> Tensor:
-    """Bilinear upsampling of ``[B, 1, h, w]`` scores to ``image_size``, then Gaussian smoothing.
+def upsample_and_blur(
+    patch_scores: Tensor, axes: tuple[Axis, Axis], image_size: tuple[int, int], sigma: float
+) -> Tensor:
+    """``[B, 1, h, w]`` scores on a grid whose cells lie at ``axes`` (rows, cols; see
+    :mod:`anomaly.backbones.geometry`) → ``[B, 1, H, W]``, then Gaussian smoothing (``sigma <= 0``: none).
 
-    Returns ``[B, 1, H, W]``. ``sigma <= 0`` skips the blur.
+    Each pixel is interpolated linearly between the cells centred on either side of it, so a cell's
+    value peaks on the pixel its receptive field is centred on, whatever the image size and the
+    backbone's padding (``F.interpolate`` assumes centres at ``(i + 0.5)·H/h − 0.5``, off by up to a
+    stride). Both passes are one ``[H, h]`` and one ``[W, w]`` matrix: ``rows @ scores @ colsᵀ``.
     """
-    maps = F.interpolate(patch_scores, size=image_size, mode="bilinear", align_corners=False)
-    return gaussian_blur(maps, sigma) if sigma > 0 else maps
+    (height, width), (rows, cols) = image_size, axes
+    row_weights = linear_weights(rows, patch_scores.shape[-2], pixel_positions(height, patch_scores))
+    col_weights = linear_weights(cols, patch_scores.shape[-1], pixel_positions(width, patch_scores))
+    if sigma > 0:
+        row_weights = blur_matrix(height, sigma, patch_scores).T @ row_weights
+        col_weights = blur_matrix(width, sigma, patch_scores).T @ col_weights
+    return row_weights @ patch_scores @ col_weights.T

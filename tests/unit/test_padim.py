@@ -38,14 +38,26 @@ def test_statistics_equal_direct_numpy_computation(smooth_images, backbone, monk
 def test_embedding_is_the_concatenation_of_upsampled_layers_with_the_selected_channels(
     smooth_images, backbone
 ):
+    """Deeper layers are interpolated linearly at each first-layer cell's centre.
+
+    The tiny backbone's cells of stride s lie on pixels s·i, so first-layer cell i (pixel 4i) reads the
+    stride-s map at 4i/s, between its cells (the last one beyond the edge cell's centre: that cell).
+    """
     model = Padim(backbone, n_features=12, seed=5)
     images = smooth_images(3, seed=0)
     features = list(backbone(images).values())
     grid = features[0].shape[-2:]
     assert any(feature.shape[-2:] != grid for feature in features)  # the test covers upsampling
-    upsampled = [torch.nn.functional.interpolate(feature, size=grid, mode="nearest") for feature in features]
+    upsampled = []
+    for feature, stride in zip(features, backbone.strides, strict=True):
+        at = (4 * torch.arange(grid[0]) / stride).clamp(max=feature.shape[-1] - 1)
+        low = at.floor().long().clamp(max=max(feature.shape[-1] - 2, 0))
+        high = (low + 1).clamp(max=feature.shape[-1] - 1)
+        share = at - low
+        rows = feature[:, :, low] * (1 - share)[:, None] + feature[:, :, high] * share[:, None]
+        upsampled.append(rows[..., low] * (1 - share) + rows[..., high] * share)
     expected = torch.cat(upsampled, dim=1).index_select(1, model.channel_index)  # [B, D, h, w]
-    assert torch.equal(model.embed(images), expected.permute(2, 3, 0, 1))
+    torch.testing.assert_close(model.embed(images), expected.permute(2, 3, 0, 1))
 
 
 def test_a_model_with_unsorted_channels_from_an_older_version_is_refused(smooth_images, backbone):

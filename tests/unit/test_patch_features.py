@@ -4,7 +4,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomaly.backbones.geometry import Axis
 from anomaly.backbones.patch_features import PatchFeatures, aggregate_patch_features
+
+# cells centred where F.interpolate(align_corners=False) puts them: (i + 0.5)·stride − 0.5
+ONE = (Axis(0.0, 1), Axis(0.0, 1))
+FINE, COARSE = (Axis(1.5, 4), Axis(1.5, 4)), (Axis(3.5, 8), Axis(3.5, 8))
 
 
 def neighbourhood(feature_map: Tensor, row: int, col: int) -> Tensor:
@@ -15,7 +20,7 @@ def neighbourhood(feature_map: Tensor, row: int, col: int) -> Tensor:
 
 def test_full_dimensions_keep_the_flattened_neighbourhood() -> None:
     feature_map = torch.randn(2, 3, 5, 6)
-    features = aggregate_patch_features([feature_map], 3, pre_embed_dim=27, target_embed_dim=27)
+    features = aggregate_patch_features([feature_map], [ONE], 3, pre_embed_dim=27, target_embed_dim=27)
     assert features.shape == (2, 5, 6, 27)
     for batch, row, col in [(0, 0, 0), (1, 2, 3), (0, 4, 5)]:
         torch.testing.assert_close(features[batch, row, col], neighbourhood(feature_map[batch], row, col))
@@ -23,7 +28,7 @@ def test_full_dimensions_keep_the_flattened_neighbourhood() -> None:
 
 def test_pooling_order_matches_the_official_mean_mapper_then_aggregator() -> None:
     first, second = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
-    features = aggregate_patch_features([first, second], 3, pre_embed_dim=9, target_embed_dim=6)
+    features = aggregate_patch_features([first, second], [ONE, ONE], 3, pre_embed_dim=9, target_embed_dim=6)
     row, col = 1, 2
     # per layer the 18-long [C, 3, 3] vector is pooled to 9 (means of pairs), then the 18 concatenated
     # values to 6 (means of triples)
@@ -34,7 +39,9 @@ def test_pooling_order_matches_the_official_mean_mapper_then_aggregator() -> Non
 
 def test_deeper_layer_patches_are_upsampled_after_unfolding() -> None:
     fine, coarse = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 4, 4)
-    features = aggregate_patch_features([fine, coarse], 3, pre_embed_dim=36, target_embed_dim=72)
+    features = aggregate_patch_features(
+        [fine, coarse], [FINE, COARSE], 3, pre_embed_dim=36, target_embed_dim=72
+    )
     assert features.shape == (2, 8, 8, 72)
     coarse_patches = F.unfold(coarse, 3, padding=1).reshape(2, 36, 4, 4)
     upsampled = F.interpolate(coarse_patches, size=(8, 8), mode="bilinear", align_corners=False)
@@ -46,7 +53,9 @@ def test_null_dims_give_the_neighbourhood_mean_of_each_layer_concatenated() -> N
     """pre/target_embed_dim=None: per-channel 3x3 means (zero padded), upsampled and concatenated."""
     torch.manual_seed(0)
     fine, coarse = torch.randn(2, 5, 8, 8), torch.randn(2, 7, 4, 4)
-    features = aggregate_patch_features([fine, coarse], 3, pre_embed_dim=None, target_embed_dim=None)
+    features = aggregate_patch_features(
+        [fine, coarse], [FINE, COARSE], 3, pre_embed_dim=None, target_embed_dim=None
+    )
     means = [F.avg_pool2d(x, 3, stride=1, padding=1) for x in (fine, coarse)]
     means[1] = F.interpolate(means[1], size=(8, 8), mode="bilinear", align_corners=False)
     expected = torch.cat(means, dim=1).permute(0, 2, 3, 1)  # [B, h, w, 5 + 7]

@@ -60,9 +60,10 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def trained(tiny_backbone, smooth_images) -> SimpleNet:
-    """A tiny SimpleNet trained on smooth normal images (fast learning rates: few steps)."""
+    """A tiny SimpleNet trained on smooth normal images (fast learning rates: few steps; at 150 steps on one
+    thread the loss was still 0.012 and the square not yet separated, 0.0014 at 200)."""
     model = make_model(tiny_backbone())
-    train(model, smooth_images(16, seed=0), steps=150, **FAST)
+    train(model, smooth_images(16, seed=0), steps=200, **FAST)
     return model.eval()
 
 

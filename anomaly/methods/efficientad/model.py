@@ -21,13 +21,14 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from anomaly.backbones.feature_extractor import IMAGENET_MEAN, IMAGENET_STD
+from anomaly.backbones.geometry import GridGeometry
 from anomaly.distributed import LOCAL, Collective
 from anomaly.errors import ConfigError, DataError
 from anomaly.methods.base import AnomalyOutput, TrainedModel, register_fitted_buffer
+from anomaly.methods.postprocess import upsample_and_blur
 from anomaly.methods.statistics import ChannelStatistics
 
 MODEL_SIZES = ("small", "medium")
-MAP_PAD = 4  # the reference pads the PDN-grid map by 4 cells before upsampling (56 + 8 = 64 at 256 px)
 TEACHER_HELP = (
     "EfficientAD needs a distilled PDN teacher (it is never trained from a random one). Either pass "
     "method.model.teacher_weights=<file> with published EfficientAD weights (teacher_small.pth / "
@@ -162,6 +163,7 @@ class EfficientAD(TrainedModel):
         self.quantile_high = quantile_high
         self.teacher = patch_description_network(out_channels, model_size).requires_grad_(False)
         self.student = patch_description_network(2 * out_channels, model_size)
+        self.geometry = GridGeometry()  # where the PDN's cells lie: cell i on pixel 4i + 16 (33-px field)
         self.autoencoder = AutoEncoder(out_channels, autoencoder_dropout)
         self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -276,14 +278,20 @@ class EfficientAD(TrainedModel):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> AnomalyOutput:
-        """``[B, 3, H, W]`` images in [0, 1] → map ``[B, 1, H, W]`` (0.5·ST + 0.5·AE) and score (its max)."""
+        """``[B, 3, H, W]`` images in [0, 1] → map ``[B, 1, H, W]`` (0.5·ST + 0.5·AE) and score (its max).
+
+        The PDN-grid map is interpolated onto the image with each cell on the pixel its receptive field is
+        centred on (the reference pads it by 4 zero cells and stretches it over the image instead: 1.5 px
+        off at 256 px, more at other sizes); beyond the outer cells' centres the edge values continue.
+        """
         if not self.is_fitted:
             raise RuntimeError("EfficientAD is not fitted: train it (anomaly-train) or load a trained model")
         map_st, map_ae = self.raw_maps(images)
         map_st = 0.1 * (map_st - self.quantiles_st[0]) / (self.quantiles_st[1] - self.quantiles_st[0])
         map_ae = 0.1 * (map_ae - self.quantiles_ae[0]) / (self.quantiles_ae[1] - self.quantiles_ae[0])
-        combined = F.pad(0.5 * map_st + 0.5 * map_ae, (MAP_PAD,) * 4)
-        anomaly_map = F.interpolate(combined, size=images.shape[-2:], mode="bilinear")
+        image_size = tuple(images.shape[-2:])
+        axes = self.geometry(self.teacher, image_size)[0]
+        anomaly_map = upsample_and_blur(0.5 * map_st + 0.5 * map_ae, axes, image_size, sigma=0)
         return AnomalyOutput(anomaly_map, anomaly_map.amax(dim=(1, 2, 3)))
 
 

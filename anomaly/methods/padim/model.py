@@ -1,10 +1,11 @@
 """PaDiM: a multivariate Gaussian per feature-map position (Defard et al., ICPR 2020).
 
 Follows the paper and its reference code: the backbone's layers (layer1-3 for ResNets) are
-concatenated on the first layer's grid (deeper maps nearest-upsampled), ``n_features`` channels are
-kept by a seeded random selection, and each position gets a mean and a covariance + 0.01·I. A test
-patch scores its Mahalanobis distance; the map is upsampled to the image, blurred (σ = 4) and its
-maximum is the image score.
+concatenated on the first layer's grid (deeper maps interpolated at its cells' centres), ``n_features``
+channels are kept by a seeded random selection, and each position gets a mean and a covariance
++ 0.01·I. A test patch scores its Mahalanobis distance; the map is upsampled to the image (each cell
+peaking on the pixel its receptive field is centred on, :mod:`anomaly.backbones.geometry`), blurred
+(σ = 4) and its maximum is the image score.
 
 Statistics are accumulated streaming (per-position sums of x and x·xᵀ on data shifted by the first
 batch's mean), so memory does not grow with the train set. Each batch adds into a float32 sum in place
@@ -17,9 +18,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anomaly.backbones.geometry import GridGeometry, resample_linear
 from anomaly.distributed import LOCAL, Collective
 from anomaly.errors import ConfigError, DataError
 from anomaly.methods.base import AnomalyOutput, FitOnceModel, register_fitted_buffer
@@ -40,6 +41,7 @@ class Padim(FitOnceModel):
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.geometry = GridGeometry()
         total = sum(backbone.channels)
         if not 0 < n_features <= total:
             raise ConfigError(f"n_features must be in [1, {total}] (the layers' channels), got {n_features}")
@@ -73,17 +75,22 @@ class Padim(FitOnceModel):
     def embed(self, images: Tensor) -> Tensor:
         """Returns embeddings ``[h, w, B, D]`` on the first layer's grid (D = n_features).
 
-        The layers are concatenated on that grid (deeper ones nearest-upsampled) and ``channel_index``
-        is kept. Positions come first so that each position's ``[B, D]`` block is contiguous for the
-        batched matmuls; each layer is picked into that layout from its channels-last map, then concatenated.
+        The layers are concatenated on that grid and ``channel_index`` is kept. Deeper layers are
+        interpolated linearly at each first-layer cell's centre (by the backbone's geometry at this image
+        size); the reference's nearest upsampling repeats deeper cell j over cells 2j and 2j+1 (4j..4j+3
+        for layer3), which puts its values 2 px (6 px) off their centres and shifts the map's peak.
+        Positions come first so that each position's ``[B, D]`` block is contiguous for the
+        batched matmuls; each layer's kept channels are picked before interpolating, then concatenated.
         """
         features = list(self.backbone(images).values())
+        axes = self.geometry(self.backbone, images.shape[-2:])
         grid = features[0].shape[-2:]
         parts = []
-        for feature, index in zip(features, self._kept_channels_per_layer(), strict=True):
-            if feature.shape[-2:] != grid:
-                feature = F.interpolate(feature, size=grid, mode="nearest")
-            parts.append(feature.permute(2, 3, 0, 1).index_select(3, index))
+        for feature, layer_axes, index in zip(features, axes, self._kept_channels_per_layer(), strict=True):
+            feature = feature.index_select(1, index)  # [B, D_layer, h_l, w_l]
+            if feature.shape[-2:] != grid or layer_axes != axes[0]:
+                feature = resample_linear(feature, layer_axes, axes[0], grid)
+            parts.append(feature.permute(2, 3, 0, 1))
         return torch.cat(parts, dim=3)
 
     def _kept_channels_per_layer(self) -> list[Tensor]:
@@ -224,7 +231,8 @@ class Padim(FitOnceModel):
     def _maps(self, distances: Tensor, height: int, width: int, image_size: tuple[int, int]) -> AnomalyOutput:
         """Maps and scores from per-position distances ``[P, B]`` on the ``height × width`` grid."""
         patch_scores = distances.T.reshape(-1, 1, height, width)
-        anomaly_map = upsample_and_blur(patch_scores, image_size, self.blur_sigma)
+        axes = self.geometry(self.backbone, image_size)[0]
+        anomaly_map = upsample_and_blur(patch_scores, axes, image_size, self.blur_sigma)
         return AnomalyOutput(anomaly_map, anomaly_map.amax(dim=(1, 2, 3)))
 
     def mahalanobis(self, x: Tensor) -> Tensor:

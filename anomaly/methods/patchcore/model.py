@@ -146,7 +146,9 @@ class PatchCore(FitOnceModel):
         else:
             image_scores = patch_scores.amax(dim=1)
         grid = patch_scores.reshape(batch, 1, height, width)
-        anomaly_map = upsample_and_blur(grid, tuple(images.shape[-2:]), self.blur_sigma)
+        image_size = tuple(images.shape[-2:])
+        axes = self.features.grid_axes(image_size)
+        anomaly_map = upsample_and_blur(grid, axes, image_size, self.blur_sigma)
         return AnomalyOutput(anomaly_map, image_scores)
 
     def use_graph_safe_ops(self) -> None:

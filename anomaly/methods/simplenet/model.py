@@ -99,5 +99,7 @@ class SimpleNet(TrainedModel):
         batch, height, width, dim = features.shape
         patch_scores = -self.discriminator(self.adaptor(features.reshape(-1, dim)))  # [B·h·w, 1]
         patch_scores = patch_scores.reshape(batch, 1, height, width)
-        anomaly_map = upsample_and_blur(patch_scores, tuple(images.shape[-2:]), self.blur_sigma)
+        image_size = tuple(images.shape[-2:])
+        axes = self.features.grid_axes(image_size)
+        anomaly_map = upsample_and_blur(patch_scores, axes, image_size, self.blur_sigma)
         return AnomalyOutput(anomaly_map, patch_scores.amax(dim=(1, 2, 3)))
