@@ -8,6 +8,8 @@ it is not one of these (its ranks see each other go through the process group's 
 """
 
 import os
+import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -90,6 +92,21 @@ def watchdog_store(ranks: Ranks, connect_seconds: float, environ: Mapping[str, s
         return PrefixStore(f"anomaly-watchdog/{attempt}/", store)
     host = SLURMEnvironment.resolve_root_node_address(environ["SLURM_NODELIST"])
     port = SLURM_STORE_PORTS + int(environ["SLURM_JOB_ID"][-4:])
+    if not ranks.hosts_store:  # TCPStore's own connect retries past its timeout: wait for the port here
+        _await_listening(host, port, connect_seconds)
     store = TCPStore(host, port, ranks.world_size, is_master=ranks.rank == 0, timeout=timeout,
                      wait_for_workers=False)  # fmt: skip
     return PrefixStore(f"anomaly-watchdog/{environ.get('SLURM_STEP_ID', '0')}/", store)
+
+
+def _await_listening(host: str, port: int, seconds: float) -> None:
+    """Until ``host:port`` accepts a connection; TimeoutError after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {seconds:.0f} s") from error
+            time.sleep(0.5)

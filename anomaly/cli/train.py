@@ -58,7 +58,7 @@ def start_watchdog(cfg: DictConfig) -> Watchdog | None:
         return None
     try:
         store = watchdog_store(ranks, CONNECT_SECONDS)
-    except RuntimeError:  # rank 0 failed before it opened the store, and printed why
+    except (RuntimeError, TimeoutError):  # rank 0 failed before it opened the store, and printed why
         print(f"Error: rank {ranks.rank} stops because rank 0 did not open the run's store within "
               f"{CONNECT_SECONDS:.0f} s: see its output", file=sys.stderr, flush=True)  # fmt: skip
         sys.exit(1)
