@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision import tv_tensors
 
+import anomaly
 from anomaly.backbones import FeatureExtractor
 from anomaly.backbones.feature_cache import (
     FeatureCache,
@@ -19,8 +20,11 @@ from anomaly.backbones.feature_cache import (
     image_key,
     use_cache,
 )
+from anomaly.cli.cache import main as cache_main
 from anomaly.data.decode import read_image
 from anomaly.data.preprocessing import Preprocessing
+from anomaly.errors import ConfigError
+from anomaly.experiment import feature_cache_of
 
 LAYERS = ["layer1", "layer2"]
 
@@ -209,3 +213,29 @@ def test_concurrent_writers_of_one_key_never_show_a_reader_a_partial_file(tmp_pa
     assert caplog.text == ""  # nothing found damaged
     assert all(torch.equal(x, tensors["x"]) for x in reads)
     assert [path.name for path in tmp_path.glob("*/*")] == ["ab.safetensors"]  # no temporary file left
+
+
+def test_anomaly_cache_shows_the_size_and_clears(extractor, tmp_path, capsys):
+    with torch.no_grad():
+        cached(extractor, tmp_path / "cache")
+        try:
+            extractor(images(2))
+        finally:
+            use_cache(extractor, None)
+    cache_main(["info", str(tmp_path / "cache")])
+    assert "2 images' features" in capsys.readouterr().out
+    cache_main(["clear", str(tmp_path / "cache")])
+    cache_main(["info", str(tmp_path / "cache")])
+    assert "0 images' features" in capsys.readouterr().out
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit):
+        cache_main(["info", str(tmp_path / "a_file")])
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_a_bad_size_cap_is_a_config_error_and_cache_false_is_no_cache(tmp_path):
+    with pytest.raises(ConfigError, match="cache_max_gb"):
+        feature_cache_of(anomaly.compose(["cache_max_gb=0"], output_dir=tmp_path))
+    assert feature_cache_of(anomaly.compose(["cache=false"], output_dir=tmp_path)) is None
+    cache = feature_cache_of(anomaly.compose(["cache_max_gb=0.5"], output_dir=tmp_path))
+    assert cache.store.max_bytes == 500_000_000 and cache.store.root.name == "feature_cache"
