@@ -1,10 +1,13 @@
 """Content-addressed cache of the frozen backbone's features, shared by the runs of a sweep and by epochs.
 
-The features of an image depend only on the preprocessed image tensor and the backbone (its name, weights,
-layers, BatchNorm folding and precision), the device type and torch's version. The key hashes exactly
-these (:func:`backbone_fingerprint`, :func:`image_key`): a file's path or time never matters, and any
-change of preprocessing (size, crop, tiling) is another tensor and so another key. A value is one
-image's maps ``{layer: [C, h, w]}`` in a safetensors file (data, never code), as its batch computed them.
+The features of an image depend only on the preprocessed image tensor and the backbone (its name, the
+weights of its graph up to the deepest layer asked for, BatchNorm folding and precision), the device type
+and torch's version. The key hashes exactly these (:func:`backbone_fingerprint`, :func:`image_key`): a
+file's path or time never matters, and any change of preprocessing (size, crop, tiling) is another tensor
+and so another key. A value is one image's maps ``{layer: [C, h, w]}`` in a safetensors file (data, never
+code), as its batch computed them. The file names its layers, so one that holds more layers serves a
+request for fewer of the same graph (PaDiM's layer1-3 serve PatchCore's layer2+3, bit for bit: one backbone
+pass for both); one that lacks a layer asked for is a miss, and the batch that computes it rewrites it.
 
 A batch is read from the cache only when every image of it is there; otherwise the whole batch is
 computed, as without a cache (so a cold run equals an uncached one bit for bit), and its missing images
@@ -36,10 +39,11 @@ EVICT_TO = 0.9  # an over-full cache is trimmed to this share of its cap
 
 
 def backbone_fingerprint(extractor: nn.Module, device_type: str) -> str:
-    """sha256 of what the features depend on besides the image: class, name, layers, precision, every
-    weight (after BatchNorm folding), the normalisation, the device type and torch's version."""
+    """sha256 of what the features depend on besides the image: class, name, precision, every weight of the
+    graph (which ends at the deepest layer; after BatchNorm folding), the normalisation, the device type
+    and torch's version. Not the layers: each file names its own (:class:`FeatureCache`)."""
     digest = hashlib.sha256()
-    described = (type(extractor).__qualname__, getattr(extractor, "name", None), list(extractor.layers),
+    described = (type(extractor).__qualname__, getattr(extractor, "name", None),
                  getattr(extractor, "precision", None), device_type, torch.__version__)  # fmt: skip
     digest.update(repr(described).encode())
     tensors = {**extractor.state_dict(), "mean": extractor.mean, "std": extractor.std}
@@ -112,6 +116,14 @@ class FeatureStore:
         self._size = (self.size() if self._size is None else self._size) + added
         if self._size > self.max_bytes:
             self._size = self.evict(int(self.max_bytes * EVICT_TO))
+
+    def layers(self, key: str) -> set[str]:
+        """The layers the file of ``key`` holds (none when there is no readable file)."""
+        try:
+            with safe_open(self.path(key), "pt") as file:
+                return set(file.keys())
+        except Exception:  # absent or damaged: the next read finds out which, and says so
+            return set()
 
     def discard(self, key: str, problem: str) -> None:
         """Deletes the damaged file of ``key``, saying which file and why."""
@@ -211,6 +223,8 @@ class FeatureCache:
             if entry is None:
                 return None
             tensors, metadata = entry
+            if not set(extractor.layers) <= set(tensors):  # another extractor's layers: computed, rewritten
+                return None
             if problem := _problem(tensors, extractor, size, per_image[0] if per_image else None):
                 self.store.discard(key, problem)
                 return None
@@ -231,7 +245,7 @@ class FeatureCache:
             layer for layer, f in features.items() if f.is_contiguous(memory_format=torch.channels_last)
         )
         for index, key in enumerate(keys):
-            if self.store.path(key).is_file():
+            if set(features) <= self.store.layers(key):
                 continue
             tensors = {layer: f[index].detach().cpu().contiguous() for layer, f in features.items()}
             if all(bool(torch.isfinite(tensor).all()) for tensor in tensors.values()):
@@ -242,8 +256,6 @@ def _problem(
     tensors: dict[str, Tensor], extractor: nn.Module, size: tuple[int, int], first: dict[str, Tensor] | None
 ) -> str | None:
     """What is wrong with a cache file's tensors for this extractor and input size; None if nothing."""
-    if set(tensors) != set(extractor.layers):
-        return f"for other layers ({sorted(tensors)}, not {sorted(extractor.layers)})"
     for layer, channels, stride in zip(extractor.layers, extractor.channels, extractor.strides, strict=True):
         tensor = tensors[layer]
         grid = tensor.shape[1:] if tensor.dim() == 3 else (-stride, -stride)  # a wrong rank: no grid

@@ -49,8 +49,10 @@ METHODS = {
         "method=patchcore", "dataset.calibration_fraction=0", "threshold.source=cross_fit",
         "threshold.folds=2",
     ],
-    "simplenet": ["method=simplenet", "method.max_epochs=3", "dataset.batch_size=4"],
+    # 9 training images in batches of 3: every epoch computes its images in batches of the same size
+    "simplenet": ["method=simplenet", "method.max_epochs=3", "dataset.batch_size=3"],
 }
+TRAIN_IMAGES = 9  # 12, less the calibration fraction's 3
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -70,10 +72,28 @@ def test_uncached_cold_and_warm_runs_give_the_same_metrics_thresholds_and_model(
     read_cold, computed_cold = cold[1]["feature_cache"].values()
     read_warm, computed_warm = warm[1]["feature_cache"].values()
     assert computed_warm == 0 and read_warm == read_cold + computed_cold > 0
-    if method == "simplenet":  # epochs after the first read what the first computed
-        assert read_cold >= 2 * computed_cold > 0
+    if method == "simplenet":  # the 2 epochs after the first read what the first computed
+        assert read_cold == 2 * TRAIN_IMAGES
     else:
         assert read_cold == 0  # every image of a fit-once run is seen once per step (fit, calibration, test)
+
+
+def test_simplenet_with_a_batch_of_one_stays_within_its_rounding(tmp_path, small_data_overrides):
+    """Batches of 4 leave one image alone in each epoch, a different one each time: the backbone computes a
+    batch of one with other kernels (resnet18 here: up to 1.4e-5 on features up to 10, against 0 between
+    batches of 4 and 9), so later epochs read features that differ by that much from a recomputation.
+    Cold and warm runs agree exactly; against the uncached run the metrics move by about 1e-4."""
+    overrides = [*small_data_overrides, *SMALL_64, "method=simplenet", "method.max_epochs=3",
+                 "dataset.batch_size=4"]  # fmt: skip
+    cache_dir = tmp_path / "cache"
+    uncached = run(tmp_path, "uncached", [*overrides, "cache=false"], cache_dir)
+    cold = run(tmp_path, "cold", overrides, cache_dir)
+    warm = run(tmp_path, "warm", overrides, cache_dir)
+    assert warm[0] == cold[0] and warm[1]["calibration"] == cold[1]["calibration"]
+    assert_same_model(warm[2], cold[2])
+    assert cold[0].keys() == uncached[0].keys()
+    for key, value in cold[0].items():
+        assert value == pytest.approx(uncached[0][key], abs=1e-3), key
 
 
 def test_efficientad_runs_the_same_with_the_cache_it_does_not_use(tmp_path, small_data_overrides):
