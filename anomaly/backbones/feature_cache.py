@@ -38,13 +38,13 @@ CHANNELS_LAST = "channels_last"  # metadata key: the layers whose batch came cha
 EVICT_TO = 0.9  # an over-full cache is trimmed to this share of its cap
 
 
-def backbone_fingerprint(extractor: nn.Module, device_type: str) -> str:
+def backbone_fingerprint(extractor: FeatureExtractor, device_type: str) -> str:
     """sha256 of what the features depend on besides the image: class, name, precision, every weight of the
     graph (which ends at the deepest layer; after BatchNorm folding), the normalisation, the device type
     and torch's version. Not the layers: each file names its own (:class:`FeatureCache`)."""
     digest = hashlib.sha256()
-    described = (type(extractor).__qualname__, getattr(extractor, "name", None),
-                 getattr(extractor, "precision", None), device_type, torch.__version__)  # fmt: skip
+    described = (type(extractor).__qualname__, extractor.name, extractor.precision, device_type,
+                 torch.__version__)  # fmt: skip
     digest.update(repr(described).encode())
     tensors = {**extractor.state_dict(), "mean": extractor.mean, "std": extractor.std}
     for name, tensor in sorted(tensors.items()):
@@ -189,7 +189,7 @@ class FeatureCache:
     def counts(self) -> dict[str, int]:
         return {"images_read": self.read, "images_computed": self.computed}
 
-    def features(self, extractor: nn.Module, images: Tensor) -> dict[str, Tensor]:
+    def features(self, extractor: FeatureExtractor, images: Tensor) -> dict[str, Tensor]:
         """``extractor.compute(images)`` ``{layer: [B, C, h, w]}``, read from the cache when every image of
         the batch is there, else computed and the missing images stored."""
         if images.requires_grad:  # a gradient through the input (never in the methods): no cache
@@ -205,7 +205,7 @@ class FeatureCache:
         self._store(keys, features)
         return features
 
-    def _fingerprint(self, extractor: nn.Module, device_type: str) -> str:
+    def _fingerprint(self, extractor: FeatureExtractor, device_type: str) -> str:
         """Computed once per extractor and device type (hashing WideResNet50's weights takes ~0.5 s)."""
         slot = (id(extractor), device_type)
         if slot not in self._fingerprints:
@@ -213,7 +213,7 @@ class FeatureCache:
         return self._fingerprints[slot]
 
     def _read_all(
-        self, extractor: nn.Module, keys: list[str], size: tuple[int, int]
+        self, extractor: FeatureExtractor, keys: list[str], size: tuple[int, int]
     ) -> dict[str, Tensor] | None:
         """The batch's features from the cache, in the layout they were computed in; None at the first
         image that is missing or damaged (the whole batch is then computed)."""
@@ -253,7 +253,10 @@ class FeatureCache:
 
 
 def _problem(
-    tensors: dict[str, Tensor], extractor: nn.Module, size: tuple[int, int], first: dict[str, Tensor] | None
+    tensors: dict[str, Tensor],
+    extractor: FeatureExtractor,
+    size: tuple[int, int],
+    first: dict[str, Tensor] | None,
 ) -> str | None:
     """What is wrong with a cache file's tensors for this extractor and input size; None if nothing."""
     for layer, channels, stride in zip(extractor.layers, extractor.channels, extractor.strides, strict=True):
