@@ -21,6 +21,7 @@ time per epoch after the first is (fit(E) − fit(1)) / (E − 1).
 
 import argparse
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -31,14 +32,20 @@ FIXED = ["logger=none", "trainer.enable_progress_bar=false", "paths.results_db=n
 TIMINGS = ("fit_seconds", "calibration_seconds", "test_seconds", "peak_rss_mb")
 
 
-def train(arguments: list[str], multirun: bool) -> float:
-    """Wall seconds of one anomaly-train process."""
+def train(arguments: list[str], multirun: bool) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system, the process and its children) of one anomaly-train
+    process: on a shared machine the CPU seconds are the steadier figure."""
     command = [sys.executable, "-m", "anomaly.cli.train", *(["-m"] if multirun else []), *FIXED, *arguments]
-    start = time.perf_counter()
+    cpu_before, start = cpu_seconds(), time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds() - cpu_before
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def records(folder: Path) -> list[dict]:
@@ -65,10 +72,10 @@ def sweep_figures(args: argparse.Namespace, out: Path) -> None:
     files = list(cache_dir.glob("*/*.safetensors"))
     size = sum(path.stat().st_size for path in files)
     print(f"\nruns per sweep: {len(runs_cached)}; config: {' '.join(args.overrides)} {' '.join(methods)}")
-    print("| what | wall s | × one run |\n|---|---:|---:|")
-    print(f"| one run, cache=false | {one:.1f} | 1.00 |")
-    print(f"| sweep, cache=false | {uncached:.1f} | {uncached / one:.2f} |")
-    print(f"| sweep, cache=true (cold cache) | {cached:.1f} | {cached / one:.2f} |")
+    print("| what | wall s | × one run | CPU s | × one run |\n|---|---:|---:|---:|---:|")
+    for what, (wall, cpu) in (("one run, cache=false", one), ("sweep, cache=false", uncached),
+                              ("sweep, cache=true (cold cache)", cached)):  # fmt: skip
+        print(f"| {what} | {wall:.1f} | {wall / one[0]:.2f} | {cpu:.1f} | {cpu / one[1]:.2f} |")
     print(f"backbone passes per image: {computed / per_run:.2f} with the cache, {len(runs_cached)} without "
           f"({computed} of {computed + read} images computed)")  # fmt: skip
     if files:
