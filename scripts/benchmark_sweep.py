@@ -76,8 +76,9 @@ def sweep_figures(args: argparse.Namespace, out: Path) -> None:
     for what, (wall, cpu) in (("one run, cache=false", one), ("sweep, cache=false", uncached),
                               ("sweep, cache=true (cold cache)", cached)):  # fmt: skip
         print(f"| {what} | {wall:.1f} | {wall / one[0]:.2f} | {cpu:.1f} | {cpu / one[1]:.2f} |")
-    print(f"backbone passes per image: {computed / per_run:.2f} with the cache, {len(runs_cached)} without "
-          f"({computed} of {computed + read} images computed)")  # fmt: skip
+    without = round(per_run * len(runs_cached))
+    print(f"images through the backbone: {computed} with the cache, {without} without (each run passes "
+          f"{per_run:.0f} images through it: fit, calibration, test)")  # fmt: skip
     if files:
         print(f"cache: {len(files)} images, {size / 1e6:.1f} MB, {size / len(files) / 1e6:.3f} MB per image")
     same = [quality(a) == quality(b) for a, b in zip(runs_uncached, runs_cached, strict=True)]
