@@ -86,7 +86,7 @@ def test_a_batch_with_one_new_image_is_computed_whole_and_stores_only_the_new_on
     assert len(cache.store.files()) == 3
 
 
-def test_the_key_covers_image_bytes_preprocessing_layers_weights_and_precision(extractor):
+def test_the_key_covers_image_bytes_preprocessing_graph_weights_and_precision(extractor):
     fingerprint = backbone_fingerprint(extractor, "cpu")
     image = images(1)[0]
     key = image_key(fingerprint, image)
