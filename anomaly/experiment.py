@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger  # ours (configs/logger/wandb.yaml) is one too
 
 from anomaly import distributed
+from anomaly.backbones.feature_cache import FeatureCache, FeatureStore, use_cache
 from anomaly.calibration import Calibration, CalibrationSource, check_budgets, choose_source, fit_calibration
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.preprocessing import Preprocessing
@@ -141,7 +142,8 @@ def fit_and_test(cfg: DictConfig, output_dir: Path, run_id: str) -> RunResult:
         cfg.dataset, train_in_order=fits_once, normalization_share=normalization_share
     )
     tiling = tiling_of(cfg, datamodule.preprocessing)
-    model = build_model(cfg, tiling)
+    cache = feature_cache_of(cfg)
+    model = build_model(cfg, tiling, cache)
     module: AnomalyModule = instantiate(cfg.method.module, model=model)
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values()]
     trainer = build_trainer(cfg, loggers)
@@ -165,7 +167,7 @@ def fit_and_test(cfg: DictConfig, output_dir: Path, run_id: str) -> RunResult:
     trainer.fit(module, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    calibration = calibrate(cfg, source, trainer, model, datamodule, tiling)
+    calibration = calibrate(cfg, source, trainer, model, datamodule, tiling, cache)
     calibration_seconds = time.perf_counter() - start
     writes = distributed.is_launching_process()  # every rank holds the same model (the glue checks)
     model_path = output_dir / MODEL_FILE_NAME if writes else None
@@ -178,6 +180,9 @@ def fit_and_test(cfg: DictConfig, output_dir: Path, run_id: str) -> RunResult:
     tested = test(cfg, trainer, model, datamodule, calibration)
     score_unlabeled(trainer, model, datamodule, calibration, output_dir)
     test_seconds = time.perf_counter() - start
+    if cache is not None:
+        log.info("Feature cache %s: %d images read, %d computed by the backbone.", cache.store.root,
+                 cache.read, cache.computed)  # fmt: skip
     timings = {
         "fit_seconds": round(fit_seconds, 2),
         "calibration_seconds": round(calibration_seconds, 2),
@@ -187,7 +192,7 @@ def fit_and_test(cfg: DictConfig, output_dir: Path, run_id: str) -> RunResult:
     metrics = {**tested.metrics, **timings}
     if not writes:
         return RunResult(metrics, calibration, output_dir, None, None, tested.examples)
-    record = write_results(cfg, run_id, output_dir, tested, timings, calibration, datamodule)
+    record = write_results(cfg, run_id, output_dir, tested, timings, calibration, datamodule, cache)
     heatmaps = save_heatmaps(tested.examples, output_dir / "heatmaps")
     for logger in loggers:
         logger.log_metrics(timings)
@@ -249,17 +254,30 @@ def build_trainer(cfg: DictConfig, loggers: list[Logger]) -> pl.Trainer:
     return instantiate(cfg.trainer, logger=loggers or False)
 
 
-def build_model(cfg: DictConfig, tiling: Tiling | None) -> AnomalyModel:
-    """The method's model (with its backbone, where it uses one); fitted and scored tile by tile with a
-    tiling. PatchCore spills its patches into ``paths.spill_dir`` (a run setting, not saved with it)."""
+def build_model(cfg: DictConfig, tiling: Tiling | None, cache: FeatureCache | None = None) -> AnomalyModel:
+    """The method's model (with its backbone, where it uses one, reading and writing ``cache``); fitted and
+    scored tile by tile with a tiling. PatchCore spills its patches into ``paths.spill_dir`` (a run setting,
+    not saved with it)."""
 
     def build() -> AnomalyModel:
         model = instantiate(cfg.method.model)
+        use_cache(model, cache)
         if isinstance(model, PatchCore):
             model.spill_dir = cfg.paths.get("spill_dir")
         return model
 
     return build() if tiling is None else tile_model(build, tiling)
+
+
+def feature_cache_of(cfg: DictConfig) -> FeatureCache | None:
+    """The backbone feature cache in ``paths.cache_dir`` (``cache=true``), capped at ``cache_max_gb``."""
+    if not cfg.get("cache", False):
+        return None
+    max_gb = cfg.get("cache_max_gb", 20)
+    if not isinstance(max_gb, int | float) or isinstance(max_gb, bool) or not max_gb > 0:
+        raise ConfigError(f"cache_max_gb must be a positive number of gigabytes, got {max_gb!r} "
+                          "(cache=false turns the cache off)")  # fmt: skip
+    return FeatureCache(FeatureStore(cfg.paths.cache_dir, int(max_gb * 1e9)))
 
 
 def tiling_of(cfg: DictConfig, preprocessing: Preprocessing) -> Tiling | None:
@@ -283,6 +301,7 @@ def calibrate(
     model: AnomalyModel,
     datamodule: AnomalyDataModule,
     tiling: Tiling | None,
+    cache: FeatureCache | None = None,
 ) -> Calibration | None:
     """The decision thresholds, from the normal images ``source`` names (never the test set). On several
     processes each scores its share of the images and the scores are gathered in data-set order: every
@@ -297,7 +316,7 @@ def calibrate(
                  "(dataset.calibration_dir=<good images> is exact and cheaper).", count)  # fmt: skip
         folds = [partial(images_on, loader, device) for loader in datamodule.fold_dataloaders(count)]
         with torch.no_grad():
-            new_model = lambda: build_model(cfg, tiling).to(device)  # noqa: E731
+            new_model = lambda: build_model(cfg, tiling, cache).to(device)  # noqa: E731
             scores, maxima = model.to(device).cross_fit_scores(folds, new_model, collective)
     else:
         outputs = trainer.predict(ScoringModule(model), dataloaders=datamodule.calibration_dataloader())
@@ -378,6 +397,7 @@ def write_results(
     timings: dict[str, float],
     calibration: Calibration | None,
     datamodule: AnomalyDataModule,
+    cache: FeatureCache | None = None,
 ) -> RunRecord:
     """``metrics.json``, the finished ``run.json`` and the run's row in the results database."""
     summary = calibration.summary() if calibration else None
@@ -388,6 +408,7 @@ def write_results(
     record.timings = timings
     record.skipped_files = [problem.describe() for problem in datamodule.bad_files]
     record.sample_images = [example["path"] for example in tested.examples]
+    record.feature_cache = cache.counts() if cache is not None else None
     record.write(output_dir)
     add_to_results_db(cfg, record, output_dir)
     return record

@@ -118,6 +118,7 @@ def run_job() -> Callable[[Path, list[str]], tuple[dict, Path]]:
         with open_dict(cfg):
             cfg.paths.data_dir = str(tmp_path.parent / "shared-data")
             cfg.paths.results_db = str(tmp_path / "runs.sqlite")
+            cfg.paths.cache_dir = str(tmp_path / "feature_cache")  # each test its own feature cache
             if method is not None:  # a method config of the test's own, in place of configs/method/
                 cfg.method = method
         return anomaly.run(cfg).metrics, output_dir

@@ -7,6 +7,7 @@ which knows timm's "SAME"-padding modules), so the extracted graph stops at the 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import timm.models
 import torch
@@ -18,6 +19,9 @@ from torchvision.models import feature_extraction
 from anomaly.backbones.efficientnet_lite import LITE_VARIANTS, build_efficientnet_lite
 from anomaly.backbones.weights import build_torchvision_model
 from anomaly.errors import ConfigError
+
+if TYPE_CHECKING:
+    from anomaly.backbones.feature_cache import FeatureCache
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,6 +86,8 @@ class FeatureExtractor(nn.Module):
     ) -> None:
         super().__init__()
         spec = backbone_spec(name)
+        self.name = name
+        self.cache: FeatureCache | None = None  # set by feature_cache.use_cache; not in the state dict
         self.set_precision(precision)
         self.layers = list(layers)
         self.pretrained = weights is not None or weights_path is not None  # else random: nothing recreates it
@@ -112,7 +118,11 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """``images`` [B, 3, H, W] in [0, 1], not normalised → ``{layer: [B, C, H/stride, W/stride]}``
-        (float32)."""
+        (float32): :meth:`compute`'s, or the feature cache's copy of them."""
+        return self.compute(images) if self.cache is None else self.cache.features(self, images)
+
+    def compute(self, images: Tensor) -> dict[str, Tensor]:
+        """The network's features of ``images`` (see :meth:`forward`)."""
         normalised = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         dtype = PRECISIONS[self.precision]
         with torch.autocast(normalised.device.type, dtype=dtype, enabled=dtype is not None):

@@ -27,6 +27,7 @@ class RunRecord:
     skipped_files: list[str] = field(default_factory=list)  # left out by dataset.on_bad_file=skip
     sample_images: list[str] = field(default_factory=list)  # test images of the heatmaps (export's parity)
     calibration: dict | None = None  # the thresholds and their guarantees (Calibration.summary())
+    feature_cache: dict | None = None  # the backbone feature cache's images_read, images_computed; None: off
     wandb: dict | None = None  # the run's wandb logger settings (project, offline) for the sweep's summary
     # the run's own id, its key in the results database (a run dir can hold a later run: force=true)
     run_id: str = field(default_factory=lambda: uuid4().hex)
