@@ -86,7 +86,8 @@ def squared_norms(points: Tensor) -> Tensor:
     out = torch.empty(len(points), dtype=points.dtype, device=points.device)
     for start in range(0, len(points), _NORM_BLOCK_ROWS):
         block = points[start : start + _NORM_BLOCK_ROWS]
-        out[start : start + len(block)] = torch.linalg.vector_norm(block, dim=1, dtype=torch.float32).square_()
+        norms = torch.linalg.vector_norm(block, dim=1, dtype=torch.float32)  # [<= 8192]
+        out[start : start + len(block)] = norms.square_()
     return out
 
 
