@@ -79,7 +79,7 @@ def fit(name: str, args: argparse.Namespace) -> dict:
         features = torch.cat(collected)  # [N, D]
         collected.clear()
         dtype = getattr(torch, args.dtype)
-        sampler = ApproximateGreedyCoreset(args.ratio, args.projection_dim, dtype=dtype)
+        sampler = ApproximateGreedyCoreset(options["coreset_ratio"], args.projection_dim, dtype=dtype)
         bank = features[sampler.select(features)].contiguous()
         del features
         build_index(bank)
