@@ -12,8 +12,9 @@ get the same patches, and the script checks that they select the same bank. Exam
     python scripts/benchmark_patchcore_memory.py --n 200000 --dim 1024
 
 With ``--sizes``, only today's fit, once per training-set size, and the bytes per patch that each size adds
-(the default backbone: Lite0 at 256 px has a 32 × 32 grid and D = 152; ``--max-steps`` stops the greedy loop
-early, which leaves the peak alone: every ``[N]`` buffer is made before the first step):
+(the default backbone: Lite0 at 256 px has a 32 × 32 grid and D = 152). ``--max-steps`` stops the greedy
+loop early: every ``[N]`` buffer is made before its first step, but later steps gather the pruning's
+candidates and can raise the peak (docs/performance.md), so a shortened loop gives a lower bound:
 
     python scripts/benchmark_patchcore_memory.py --sizes 100 400 1600 --grid 32 --dim 152 --ratio 0.01
 """
