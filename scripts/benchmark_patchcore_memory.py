@@ -10,6 +10,13 @@ stand-in for the backbone, a seeded random batch at a time, so no network or dat
 get the same patches, and the script checks that they select the same bank. Example:
 
     python scripts/benchmark_patchcore_memory.py --n 200000 --dim 1024
+
+With ``--sizes``, only today's fit, once per training-set size, and the bytes per patch that each size adds
+(the default backbone: Lite0 at 256 px has a 32 × 32 grid and D = 152). ``--max-steps`` stops the greedy
+loop early: every ``[N]`` buffer is made before its first step, but later steps gather the pruning's
+candidates and can raise the peak (docs/performance.md), so a shortened loop gives a lower bound:
+
+    python scripts/benchmark_patchcore_memory.py --sizes 100 400 1600 --grid 32 --dim 152 --ratio 0.01
 """
 
 import argparse
@@ -61,8 +68,9 @@ def fit(name: str, args: argparse.Namespace) -> dict:
     """Runs one fit in this process; its bank's hash, seconds and peak memory above the start."""
     batches = torch.arange(args.images).split(args.batch_size)
     patches = GeneratedPatches(args.dim, args.grid)
+    num_patches = args.images * args.grid**2
     options = {
-        "coreset_ratio": args.ratio,
+        "coreset_ratio": min(args.ratio, args.max_steps / num_patches) if args.max_steps else args.ratio,
         "projection_dim": args.projection_dim,
         "coreset_dtype": args.dtype,
     }
@@ -72,7 +80,7 @@ def fit(name: str, args: argparse.Namespace) -> dict:
         features = torch.cat(collected)  # [N, D]
         collected.clear()
         dtype = getattr(torch, args.dtype)
-        sampler = coreset_sampler(args.ratio, args.projection_dim, dtype=dtype)
+        sampler = coreset_sampler(options["coreset_ratio"], args.projection_dim, dtype=dtype)
         bank = features[sampler.select(features)].contiguous()
         del features
         build_index(bank)
@@ -90,6 +98,35 @@ def fit(name: str, args: argparse.Namespace) -> dict:
             "bank_sha256": hashlib.sha256(bank.numpy().tobytes()).hexdigest()[:16]}  # fmt: skip
 
 
+def child_fit(name: str, args: argparse.Namespace, num_patches: int) -> dict:
+    """One fit of ``num_patches`` (rounded up to whole images) in a process of its own."""
+    options = {"--n": num_patches, "--dim": args.dim, "--grid": args.grid, "--batch-size": args.batch_size,
+               "--ratio": args.ratio, "--projection-dim": args.projection_dim, "--dtype": args.dtype,
+               "--spill-dir": args.spill_dir, "--threads": args.threads,
+               "--max-steps": args.max_steps}  # fmt: skip
+    arguments = [str(part) for key, value in options.items() if value is not None for part in (key, value)]
+    child = subprocess.run([sys.executable, __file__, *arguments, "--run", name],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def by_size(args: argparse.Namespace) -> None:
+    """Today's fit at each number of images: its peak above the start, and per patch what each size added."""
+    print(f"{args.grid}x{args.grid} patches per image, D = {args.dim}, P = {args.projection_dim}, ratio "
+          f"{args.ratio}, coreset {args.dtype}, greedy steps <= {args.max_steps or 'all'}, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+    print("images | patches | bank | peak above start (MiB) | start (MiB) | bytes per added patch | fit (s)")
+    previous = None
+    for images in args.sizes:
+        num_patches = images * args.grid**2
+        result = child_fit("spilled", args, num_patches)
+        added = "" if previous is None else round(
+            (result["peak_mib"] - previous[1]) * 2**20 / (num_patches - previous[0]))
+        print(f"{images} | {num_patches} | {result['bank'][0]} | {result['peak_mib']:.0f} | "
+              f"{result['start_mib']:.0f} | {added} | {result['seconds']:.1f}", flush=True)  # fmt: skip
+        previous = (num_patches, result["peak_mib"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -103,6 +140,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="coreset dtype")
     parser.add_argument("--spill-dir", default=None, help="folder of the spill file (default: TMPDIR)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--sizes", type=int, nargs="+", help="today's fit only, at these numbers of images")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop the greedy loop after these steps")
     parser.add_argument("--run", choices=list(FITS), help=argparse.SUPPRESS)  # one fit, in a child process
     args = parser.parse_args()
     args.images = math.ceil(args.n / args.grid**2)
@@ -110,6 +149,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.run:
         print(json.dumps(fit(args.run, args)))
+        return
+    if args.sizes:
+        by_size(args)
         return
 
     num_patches = args.images * args.grid**2
