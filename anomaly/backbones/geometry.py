@@ -72,8 +72,10 @@ def probe_geometry(backbone: nn.Module, image_size: tuple[int, int]) -> list[tup
     try:
         parameter = next(backbone.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
+        # a FeatureExtractor's own forward (``compute``): the feature cache's would run no convolution
+        forward = getattr(backbone, "compute", backbone)
         with torch.no_grad():
-            outputs = backbone(torch.zeros(1, 3, *image_size, device=device))
+            outputs = forward(torch.zeros(1, 3, *image_size, device=device))
     finally:
         for handle in handles:
             handle.remove()

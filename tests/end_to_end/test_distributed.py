@@ -44,11 +44,15 @@ def finished(result: subprocess.CompletedProcess, run_dir: Path) -> tuple[dict, 
 
 
 def assert_same_metrics(one: dict, two: dict) -> None:
-    """Rates within 1e-6; scores (thresholds) to float32 rounding of the fitted statistics."""
+    """Rates within 1e-6; scores (thresholds) to float32 rounding of the fitted statistics; rates at such a
+    threshold within 1e-4, as a threshold that moves by float32 rounding may flip a few of the ~300k test
+    pixels (measured: 8e-6 for PaDiM's pixel F1 at its threshold)."""
     quality = [key for key in one if key.startswith(("image_", "pixel_")) and isinstance(one[key], float)]
     assert len(quality) >= 4, one
     for key in quality:
-        if "threshold" in key:
+        if key.endswith("_at_threshold"):
+            assert abs(one[key] - two[key]) <= 1e-4, (key, one[key], two[key])
+        elif "threshold" in key:
             assert one[key] == pytest.approx(two[key], rel=1e-5), key
         else:
             assert abs(one[key] - two[key]) <= 1e-6, (key, one[key], two[key])
@@ -126,9 +130,10 @@ def test_two_nodes_by_torchrun_give_the_same_patchcore_bank(small, data_dir, tmp
 
 
 def test_a_user_error_on_two_processes_is_one_block_once(small, data_dir, tmp_path):
-    """An AUPRO limit above 1 is refused when testing starts: after the fit, on every rank."""
+    """An AUPRO limit above 1 is refused before any work (so before Lightning starts the second process),
+    once; errors that one rank alone meets are tests/end_to_end/test_launchers.py's."""
     result = train(tmp_path / "run", data_dir, small, "method=padim", *TWO_PROCESSES,
                    "evaluation.aupro_fpr_limit=1.5")  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr.count("Error: the AUPRO false-positive-rate limit must be in (0, 1]") == 1
+    assert result.stderr.count("Error: evaluation.aupro_fpr_limit must be a number in (0, 1], got 1.5") == 1

@@ -116,11 +116,11 @@ def test_torchrun_of_two_processes_on_a_fresh_data_folder_generates_it_once(tmp_
 @pytest.mark.parametrize("failing", [0, 1])
 def test_an_error_on_one_rank_ends_both_under_torchrun(failing, data_dir, tmp_path):
     """Rank 0 fails before the process group connects (a bad batch size, found when the data module is
-    built); rank 1 after the fit, when testing starts (an AUPRO limit above 1): the other rank prints one
-    line and every process exits non-zero, within STOP_SECONDS of the failing one."""
+    built), rank 1 before any work (an AUPRO limit above 1): the other rank prints one line and every
+    process exits non-zero, within STOP_SECONDS of the failing one."""
     errors = {0: ("dataset.batch_size=0", "Error: dataset.batch_size must be a positive int, got 0"),
               1: ("evaluation.aupro_fpr_limit=1.5",
-                  "Error: the AUPRO false-positive-rate limit must be in (0, 1]")}  # fmt: skip
+                  "Error: evaluation.aupro_fpr_limit must be a number in (0, 1], got 1.5")}  # fmt: skip
     override, message = errors[failing]
     per_node = [[override] if node == failing else [] for node in (0, 1)]
     nodes = torchrun_nodes(tmp_path, per_node, two_node_overrides(data_dir, tmp_path / "run"))
@@ -131,6 +131,30 @@ def test_an_error_on_one_rank_ends_both_under_torchrun(failing, data_dir, tmp_pa
     assert message in outputs[failing]
     other = 1 - failing
     assert f"Error: rank {other} stops because rank {failing} failed: its error is above" in outputs[other]
+    assert abs(ended[0] - ended[1]) < STOP_SECONDS, ended
+
+
+def test_an_error_on_rank_1_during_the_fit_ends_rank_0_waiting_in_a_collective(data_dir, tmp_path):
+    """Rank 1 alone cannot write PatchCore's spill file (an immutable folder) once the ranks have connected,
+    while rank 0 collects and then waits in the coreset's collective: rank 0 stops within STOP_SECONDS with
+    one line, rank 1 prints its one block."""
+    blocked = tmp_path / "no-room"
+    blocked.mkdir()
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(blocked)]).returncode != 0:
+        pytest.skip("chattr +i is not available here: no folder that every user (root too) cannot write")
+    try:
+        common = [o for o in two_node_overrides(data_dir, tmp_path / "run") if o != "method=padim"]
+        nodes = torchrun_nodes(tmp_path, [[], [f"paths.spill_dir={blocked}"]], [*common, "method=patchcore"])
+        ended = end_times(nodes)
+    finally:
+        subprocess.run(["chattr", "-i", str(blocked)], check=True)
+    outputs = [(tmp_path / f"node{node}.txt").read_text() for node in (0, 1)]
+    assert all(node.returncode != 0 for node in nodes), outputs
+    message = ("Error: Cannot write PatchCore's temporary file of training patches (rows x D x 4 bytes) in "
+               f"{blocked}")
+    assert_one_block("".join(outputs), message)
+    assert message in outputs[1] and "Initializing distributed: GLOBAL_RANK: 1" in outputs[1]
+    assert "Error: rank 0 stops because rank 1 failed: its error is above" in outputs[0]
     assert abs(ended[0] - ended[1]) < STOP_SECONDS, ended
 
 

@@ -20,6 +20,7 @@ from anomaly.backbones.feature_cache import (
     image_key,
     use_cache,
 )
+from anomaly.backbones.geometry import probe_geometry
 from anomaly.cli.cache import main as cache_main
 from anomaly.data.decode import read_image
 from anomaly.data.preprocessing import Preprocessing
@@ -255,3 +256,13 @@ def test_a_bad_size_cap_is_a_config_error_and_cache_false_is_no_cache(tmp_path):
     assert feature_cache_of(anomaly.compose(["cache=false"], output_dir=tmp_path)) is None
     cache = feature_cache_of(anomaly.compose(["cache_max_gb=0.5"], output_dir=tmp_path))
     assert cache.store.max_bytes == 500_000_000 and cache.store.root.name == "feature_cache"
+
+
+def test_the_grid_geometry_of_a_cached_backbone_is_probed_on_its_convolutions(tmp_path):
+    """Where a grid's cells lie is read off the convolutions a forward pass runs: a warm cache, which runs
+    none, must not be what the probe calls (a second run failed: "cannot tell where the cells ... lie")."""
+    extractor = resnet18()
+    expected = probe_geometry(extractor, (64, 64))
+    cached(extractor, tmp_path)
+    extractor(torch.zeros(1, 3, 64, 64))  # the probe's own zero image, now in the cache
+    assert probe_geometry(extractor, (64, 64)) == expected
