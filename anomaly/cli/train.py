@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from anomaly import distributed
 from anomaly.cli.runtime import prepare_process, report_user_errors
 from anomaly.config import CONFIG_PATH
-from anomaly.errors import describe_user_error
+from anomaly.errors import ConfigError, describe_user_error
 from anomaly.experiment import run
 from anomaly.launching import check_slurm_layout, external_ranks, watchdog_store
 from anomaly.run_dir import RunDirTaken
@@ -49,13 +49,19 @@ def run_job(cfg: DictConfig, watchdog: Watchdog | None = None) -> float | None:
     return result.metrics.get(cfg.get("optimized_metric"))
 
 
-def start_watchdog(cfg: DictConfig) -> Watchdog | None:
+def start_watchdog(cfg: DictConfig, run_dir_given: bool) -> Watchdog | None:
     """For ranks that torchrun or SLURM started: their SLURM layout checked, then the watchdog that stops
-    every rank when one stops (:mod:`anomaly.watchdog`); None for one process."""
-    run_dir_given = any(item.startswith("hydra.run.dir=") for item in HydraConfig.get().overrides.hydra)
+    every rank when one stops (:mod:`anomaly.watchdog`); None for one process. One run per launch: a second
+    run in the process (a sweep's next job) would share the first one's store, so it is refused."""
     check_slurm_layout(cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1), run_dir_given)
     if (ranks := external_ranks()) is None or not cfg.watchdog:
         return None
+    if _WATCHED_RUNS:
+        raise ConfigError(
+            "A sweep (-m) of several runs in one launch of several ranks (torchrun, srun) is not supported: "
+            "its runs would share one watchdog store. Give each run its own launch "
+            "(hydra/launcher=submitit_slurm starts one SLURM job per run), or add watchdog=false."
+        )
     try:
         store = watchdog_store(ranks, CONNECT_SECONDS)
     except (RuntimeError, TimeoutError):  # rank 0 failed before it opened the store, and printed why
@@ -64,12 +70,17 @@ def start_watchdog(cfg: DictConfig) -> Watchdog | None:
         sys.exit(1)
     watchdog = Watchdog(store, ranks.rank, ranks.world_size, hosts_store=ranks.hosts_store)
     watchdog.start()
+    _WATCHED_RUNS.append(watchdog)
     return watchdog
+
+
+_WATCHED_RUNS: list[Watchdog] = []  # the command's own record: the watchdog this process started, if any
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    watchdog = report_user_errors(lambda: start_watchdog(cfg))
+    run_dir_given = any(item.startswith("hydra.run.dir=") for item in HydraConfig.get().overrides.hydra)
+    watchdog = report_user_errors(lambda: start_watchdog(cfg, run_dir_given))
     return report_user_errors(lambda: run_job(cfg, watchdog), watchdog)
 
 

@@ -5,9 +5,11 @@ import threading
 import time
 
 import pytest
+from omegaconf import OmegaConf
 from torch.distributed import HashStore
 
 from anomaly import watchdog as watchdog_module
+from anomaly.cli import train as train_cli
 from anomaly.errors import ConfigError
 from anomaly.launching import Ranks, check_slurm_layout, external_ranks
 from anomaly.watchdog import Watchdog
@@ -103,3 +105,19 @@ def test_a_silent_rank_is_named_and_ranks_that_finish_wait_for_each_other(fast_w
     one.finish()
     finished.join(2)
     assert not finished.is_alive() and not ended
+
+
+def test_a_second_run_in_one_launch_of_several_ranks_is_refused(monkeypatch):
+    """A sweep's next job in the same torchrun/srun process would share the first run's watchdog store (its
+    "failed" and "done" keys): refused with the fix; watchdog=false or one process runs it as before."""
+    monkeypatch.setattr(train_cli, "_WATCHED_RUNS", [])
+    monkeypatch.setattr(train_cli, "external_ranks", lambda: Ranks(0, 1, "torchrun"))
+    monkeypatch.setattr(train_cli, "watchdog_store", lambda ranks, seconds: HashStore())
+    cfg = OmegaConf.create({"trainer": {"devices": 1, "num_nodes": 1}, "watchdog": True})
+    first = train_cli.start_watchdog(cfg, run_dir_given=True)
+    first.finish()
+    with pytest.raises(ConfigError, match=r"hydra/launcher=submitit_slurm .* or add watchdog=false"):
+        train_cli.start_watchdog(cfg, run_dir_given=True)
+    assert train_cli.start_watchdog(OmegaConf.merge(cfg, {"watchdog": False}), run_dir_given=True) is None
+    monkeypatch.setattr(train_cli, "external_ranks", lambda: None)
+    assert train_cli.start_watchdog(cfg, run_dir_given=True) is None
