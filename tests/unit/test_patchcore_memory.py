@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from anomaly.methods.patchcore.coreset import PROJECTION_BLOCK_ROWS
+from anomaly.methods.patchcore.reproducible import PROJECTION_BLOCK_ROWS
 
 NUM_POINTS = 131_072  # patches in the spill: enough that per-point bytes dwarf the fixed blocks
 DIM, PROJECTION_DIM = 160, 128
