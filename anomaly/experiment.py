@@ -32,6 +32,7 @@ from anomaly.backbones.feature_cache import FeatureCache, FeatureStore, use_cach
 from anomaly.calibration import Calibration, CalibrationSource, check_budgets, choose_source, fit_calibration
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.preprocessing import Preprocessing
+from anomaly.data.samples import part_numbers
 from anomaly.errors import ConfigError
 from anomaly.methods.base import (
     AnomalyModel,
@@ -340,7 +341,8 @@ def test(
     datamodule: AnomalyDataModule,
     calibration: Calibration | None,
 ) -> TestResult:
-    """Test metrics at the calibrated thresholds, and the heatmap examples (spread over the test set)."""
+    """Test metrics at the calibrated thresholds, and the heatmap examples (spread over the test set); the
+    per-sample metrics too where test images are views of one part (Real-IAD)."""
     labels = {sample.label for sample in datamodule.test_samples}
     if labels != {0, 1}:
         kind = "good" if labels == {0} else "defective"
@@ -352,7 +354,7 @@ def test(
         log.warning("The defective test images have no masks: image metrics only, no pixel metrics.")
     settings = cfg.evaluation
     evaluator = Evaluator(pixel_metrics, settings.aupro_fpr_limit, settings.exact_pixel_limit,
-                          settings.histogram_bins)  # fmt: skip
+                          settings.histogram_bins, part_numbers(datamodule.test_samples))  # fmt: skip
     thresholds = (calibration.threshold, calibration.pixel_threshold) if calibration else (None, None)
     examples = frozenset(spread(len(datamodule.test_samples), settings.num_examples))
     scoring = ScoringModule(model, evaluator, thresholds, examples)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from torch import Tensor
 
 from anomaly.data.decode import IMAGE_EXTENSIONS
 from anomaly.errors import DataError
@@ -16,10 +17,15 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Sample:
+    """One image of a data set. Several images can show one physical part (Real-IAD's five camera views):
+    they share a ``sample_id``, and the per-sample metrics take them together."""
+
     image_path: Path
     label: int  # 0 = good, 1 = defective
     mask_path: Path | None  # None: no pixel ground truth (good images, or a folder without masks)
     defect_type: str  # "good" or the defect folder name
+    sample_id: str | None = None  # the physical part it shows; None: the image is a part of its own
+    view: int | None = None  # which camera of that part (Real-IAD: 1-5); None: a single view
 
 
 @dataclass(frozen=True)
@@ -135,3 +141,15 @@ def seeded_split(items: Sequence[T], count: int, seed: int) -> tuple[list[T], li
     """``(kept, held_out)``: ``count`` of ``items`` drawn by :func:`seeded_order`; both keep their order."""
     held = set(seeded_order(len(items), seed)[:count])
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def part_numbers(samples: Sequence[Sample]) -> Tensor | None:
+    """``[N]`` int64: the physical part each sample shows, numbered in order of first appearance (images
+    without a ``sample_id`` each a part of their own); None when no sample names a part."""
+    if all(sample.sample_id is None for sample in samples):
+        return None
+    numbers: dict[object, int] = {}
+    keys = (
+        sample.sample_id if sample.sample_id is not None else ("image", i) for i, sample in enumerate(samples)
+    )
+    return torch.tensor([numbers.setdefault(key, len(numbers)) for key in keys], dtype=torch.int64)

@@ -153,7 +153,9 @@ class ScoringModule(pl.LightningModule):
         if bad := non_finite_paths(output, batch["path"]):  # raised at the end, on every rank at once
             self._non_finite += bad
             return
-        self.evaluator.update(output.image_score, batch["label"], output.anomaly_map, batch["mask"])
+        self.evaluator.update(
+            output.image_score, batch["label"], output.anomaly_map, batch["mask"], batch["index"]
+        )
         for i, index in enumerate(batch["index"].tolist()):  # positions in the test set
             if index in self.example_ids:
                 self._examples.append(

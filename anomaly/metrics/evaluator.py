@@ -1,16 +1,22 @@
-"""Test-set metrics: image AUROC and F1-max, pixel AUROC and AUPRO, accumulated batch by batch, all ranks."""
+"""Test-set metrics: image AUROC and F1-max, pixel AUROC and AUPRO, per-sample AUROC and AUPR where images
+show parts from several views, accumulated batch by batch, all ranks."""
 
 import logging
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import binary_auroc, binary_precision_recall_curve
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_average_precision,
+    binary_precision_recall_curve,
+)
 
 from anomaly.calibration import metrics_at_threshold
 from anomaly.distributed import LOCAL, Collective
 from anomaly.errors import ConfigError, UndefinedMetricError
 from anomaly.metrics.aupro import pixel_auroc_and_aupro, pixel_decisions
 from anomaly.metrics.histogram import DEFAULT_BINS, PixelHistogram
+from anomaly.metrics.per_sample import per_sample
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +34,12 @@ class Evaluator:
     instead (48 MB by default, and 4 bytes a defect region), and the pixel metrics come with a bound on
     their error, ``pixel_auroc_max_error`` and ``pixel_aupro_max_error`` (:mod:`anomaly.metrics.histogram`).
 
+    ``part_ids`` ``[N]`` int: the physical part each test image shows, by its position in the test set
+    (Real-IAD: the five views of a part share one; :func:`anomaly.data.samples.part_numbers`). With them,
+    :meth:`update` takes each batch's positions (``indices``) and :meth:`compute` adds the per-sample
+    metrics ``sample_auroc`` and ``sample_aupr`` (:mod:`anomaly.metrics.per_sample`: a part's score is the
+    maximum over its views, and it is defective when any view is).
+
     With several processes each rank updates with its block of the test set and :meth:`compute`, given
     the run's :class:`~anomaly.distributed.Collective`, returns the metrics of the whole set on every rank,
     the same as one process: the exact path gathers scores, maps and masks in rank order, the histogram
@@ -41,6 +53,7 @@ class Evaluator:
         aupro_fpr_limit: float = 0.3,
         exact_pixel_limit: int = DEFAULT_EXACT_PIXEL_LIMIT,
         histogram_bins: int = DEFAULT_BINS,
+        part_ids: Tensor | None = None,
     ) -> None:
         if not 0 < aupro_fpr_limit <= 1:
             raise ConfigError(f"the AUPRO false-positive-rate limit must be in (0, 1], got {aupro_fpr_limit}")
@@ -52,12 +65,14 @@ class Evaluator:
         self.aupro_fpr_limit = aupro_fpr_limit
         self.exact_pixel_limit = exact_pixel_limit
         self.histogram_bins = histogram_bins
+        self.part_ids = None if part_ids is None else part_ids.detach().to("cpu", torch.int64)
         self.reset()
 
     def reset(self) -> None:
         """Forgets every batch collected so far."""
         self._scores: list[Tensor] = []
         self._labels: list[Tensor] = []
+        self._indices: list[Tensor] = []  # [B] per batch: the images' positions in the test set
         self._with_pixels: bool | None = None  # known from the first batch on
         self._num_pixels = 0
         self._map_maxima: list[Tensor] = []  # [B] per batch: has a good image any pixel above a threshold?
@@ -71,12 +86,15 @@ class Evaluator:
         labels: Tensor,
         anomaly_maps: Tensor | None = None,
         masks: Tensor | None = None,
+        indices: Tensor | None = None,
     ) -> None:
         """Adds one batch.
 
         ``image_scores`` ``[B]`` float, ``labels`` ``[B]`` (0 good, 1 defective); for pixel metrics
         ``anomaly_maps`` ``[B, 1, H, W]`` float and ``masks`` ``[B, 1, H, W]`` 0/1. Masks must be given
-        for every batch or for none, else pixel metrics would cover only part of the test set.
+        for every batch or for none, else pixel metrics would cover only part of the test set. ``indices``
+        ``[B]`` int: the images' positions in the test set (the batch's ``"index"``), needed with
+        ``part_ids``.
         """
         if image_scores.ndim != 1 or image_scores.shape != labels.shape:
             raise ValueError(
@@ -86,6 +104,10 @@ class Evaluator:
         with_pixels = self.compute_pixel_metrics and masks is not None
         if self._with_pixels not in (None, with_pixels):
             raise ValueError("masks were given for some batches but not for others")
+        if self.part_ids is not None:
+            if indices is None or indices.shape != image_scores.shape:
+                raise ValueError("with part_ids, every batch needs the test-set positions [B] of its images")
+            self._indices.append(indices.detach().to("cpu", torch.int64))
         self._with_pixels = with_pixels
         labels = labels.detach().to("cpu", torch.bool)
         if with_pixels:
@@ -124,7 +146,8 @@ class Evaluator:
         Keys: ``image_auroc``, ``image_f1_max``, ``image_f1_threshold`` and, with pixel metrics,
         ``pixel_auroc`` (over all pixels of all images) and ``pixel_aupro`` (up to ``aupro_fpr_limit``),
         beyond ``exact_pixel_limit`` pixels with ``pixel_auroc_max_error`` and ``pixel_aupro_max_error``;
-        with a ``threshold`` (calibrated on normal images, never on this set) also precision, recall, F1
+        with ``part_ids`` ``sample_auroc`` and ``sample_aupr`` (average precision) over the parts; with a
+        ``threshold`` (calibrated on normal images, never on this set) also precision, recall, F1
         and false-alarm rate at it; with a ``pixel_threshold`` the quality of the masks ``map >
         pixel_threshold``: :func:`pixel_decisions`, and on the good images the share with any pixel
         above it and the mean share of their pixels above it. Each key is one of
@@ -138,6 +161,8 @@ class Evaluator:
         _require_both_classes(int((~labels).sum()), int(labels.sum()), "image metrics", "images")
         f1, best = f1_max(scores, labels)
         metrics = {"image_auroc": _auroc(scores, labels), "image_f1_max": f1, "image_f1_threshold": best}
+        if self.part_ids is not None:
+            metrics.update(self._per_sample_metrics(scores, labels, collective))
         if threshold is not None:
             metrics.update(metrics_at_threshold(scores, labels, threshold))
         if not with_pixels:
@@ -151,6 +176,15 @@ class Evaluator:
             above = maxima[~labels] > pixel_threshold  # [good images]
             metrics["good_images_with_false_positive_pixels"] = float(above.double().mean())
         return metrics
+
+    def _per_sample_metrics(self, scores: Tensor, labels: Tensor, collective: Collective) -> dict[str, float]:
+        """``sample_auroc`` and ``sample_aupr`` over the parts the test images show (their ids found by
+        each image's position, gathered like the scores)."""
+        positions = _gathered(self._indices, torch.int64, collective)
+        part_scores, part_labels = per_sample(scores, labels, self.part_ids[positions])
+        _require_both_classes(int((~part_labels).sum()), int(part_labels.sum()), "sample metrics", "parts")
+        average_precision = binary_average_precision(_to_unit_interval(part_scores), part_labels.long())
+        return {"sample_auroc": _auroc(part_scores, part_labels), "sample_aupr": float(average_precision)}
 
     def _agree_on_layout(self, collective: Collective) -> tuple[bool, int, tuple[int, ...]]:
         """Over all ranks: whether pixel metrics are computed, the number of map pixels, and one map's shape
@@ -262,6 +296,7 @@ def _gathered(
 
 _BOTH_CLASSES_FIX = {
     "images": "the test set needs good and defective images.",
+    "parts": "the test set needs good and defective parts (a part is defective when any of its views is).",
     "pixels": "the defective images' masks must mark some pixels (any non-zero value) and not all of them: "
     "check the ground-truth mask files.",
 }

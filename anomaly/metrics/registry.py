@@ -26,6 +26,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("pixel_aupro", "AU-PRO", True, pixel=True, percent=True, reported=True),
     Metric("image_f1_max", "image F1-max", True, pixel=False, percent=True, reported=True),
     Metric("image_f1_threshold", "F1-max threshold", None, pixel=False, percent=False),
+    # per physical part, where test images are views of one part (Real-IAD; anomaly.metrics.per_sample)
+    Metric("sample_auroc", "sample AUROC", True, pixel=False, percent=True, reported=True),
+    Metric("sample_aupr", "sample AUPR", True, pixel=False, percent=True),
     # with a calibrated image threshold (anomaly.calibration.metrics_at_threshold)
     Metric("threshold", "image threshold", None, pixel=False, percent=False),
     Metric("precision_at_threshold", "precision", True, pixel=False, percent=True),

@@ -1,6 +1,7 @@
 """The Evaluator on two processes (torch.distributed, gloo, spawned here): each rank updates with its
 contiguous block of the test set, and compute() returns the same metrics on both ranks as one process
-does, on the exact path and the binned one, for even and uneven splits and a rank without images."""
+does, on the exact path and the binned one, for even and uneven splits and a rank without images, and the
+per-sample metrics of parts whose views lie on both ranks."""
 
 import datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from anomaly.metrics import Evaluator
 NUM_IMAGES = 9
 SEED = 11
 THRESHOLDS = {"threshold": 0.9, "pixel_threshold": 0.7}
+PARTS = torch.tensor([0, 1, 1, 2, 3, 3, 4, 4, 5])  # part 3 (images 4, 5) spans the ranks' blocks of 5 + 4
 # (images per rank: None = the data module's blocks, 5 + 4; the Evaluator's settings)
 CASES = [
     (None, {}),
@@ -28,6 +30,8 @@ CASES = [
     ([9, 0], {}),
     ([9, 0], {"exact_pixel_limit": 0}),
     ([3, 6], {"compute_pixel_metrics": False}),
+    (None, {"part_ids": PARTS}),
+    ([8, 1], {"compute_pixel_metrics": False, "part_ids": PARTS}),
 ]
 # binned AUPRO sums float64 weights, whose order depends on the split; every other value is exact
 FLOAT_SUMS = {"pixel_aupro", "pixel_aupro_max_error", "region_overlap_at_threshold"}
@@ -50,7 +54,8 @@ def evaluate(rows: range, settings: dict, batch_size: int, collective=LOCAL) -> 
     data = scaled_data()
     evaluator = Evaluator(**settings)
     for start in range(rows.start, rows.stop, batch_size):
-        evaluator.update(*(tensor[start : min(start + batch_size, rows.stop)] for tensor in data))
+        batch = torch.arange(start, min(start + batch_size, rows.stop))
+        evaluator.update(*(tensor[batch] for tensor in data), indices=batch)
     return evaluator.compute(**THRESHOLDS, collective=collective)
 
 

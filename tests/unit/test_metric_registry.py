@@ -23,14 +23,17 @@ ADDED = Metric("image_recall_at_fpr", "recall at 1 % FPR", True, pixel=False, pe
 
 
 def evaluated(exact_pixel_limit: int, with_pixels: bool = True) -> dict[str, float]:
-    """Every metric of a small test set (4 good, 4 defective images of 8 x 8 px), thresholds given."""
+    """Every metric of a small test set (4 good, 4 defective images of 8 x 8 px, two views of 4 parts),
+    thresholds given."""
     generator = torch.Generator().manual_seed(0)
     labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     masks = torch.zeros(8, 1, 8, 8, dtype=torch.uint8)
     masks[4:, :, 2:5, 2:5] = 1
     maps = torch.rand(8, 1, 8, 8, generator=generator) * 0.5 + masks * 0.4
-    evaluator = Evaluator(exact_pixel_limit=exact_pixel_limit, histogram_bins=64)
-    evaluator.update(maps.amax(dim=(1, 2, 3)), labels, *((maps, masks) if with_pixels else ()))
+    parts = torch.arange(8) // 2
+    evaluator = Evaluator(exact_pixel_limit=exact_pixel_limit, histogram_bins=64, part_ids=parts)
+    pixels = (maps, masks) if with_pixels else (None, None)
+    evaluator.update(maps.amax(dim=(1, 2, 3)), labels, *pixels, indices=torch.arange(8))
     return evaluator.compute(threshold=0.6, pixel_threshold=0.6)
 
 
