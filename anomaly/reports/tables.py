@@ -12,6 +12,7 @@ from anomaly.data.btad import BTAD_CATEGORIES
 from anomaly.data.mvtec import MVTEC_CATEGORIES
 from anomaly.data.mvtec_ad2 import AD2_CATEGORIES
 from anomaly.data.mvtec_loco import LOCO_CATEGORIES
+from anomaly.data.real_iad import REAL_IAD_OBJECTS
 from anomaly.data.visa import VISA_CATEGORIES
 from anomaly.metrics.registry import Metric, reported_metrics
 from anomaly.reports.collect import columns, method_label, one_line
@@ -23,6 +24,7 @@ BENCHMARK_CATEGORIES = {  # data set config -> all its categories: a published m
     "btad": BTAD_CATEGORIES,
     "mvtec_loco": LOCO_CATEGORIES,
     "mvtec_ad2": AD2_CATEGORIES,
+    "real_iad": REAL_IAD_OBJECTS,
 }
 Table = tuple[list[str], list[list[str]]]  # header, body rows
 VALUES_NOTE = "Mean ± std over seeds; (%): shares ×100; ↑/↓: higher/lower is better."
@@ -103,8 +105,9 @@ def column_mean(values: dict, categories: list[str], label: str) -> list[float] 
 
 
 def summary_tables(rows: list[dict]) -> dict[Metric, Table]:
-    """Per reported metric: categories × method labels (mean ± std over seeds), a mean row, and the paper's
-    value with our difference (Δ) where the runs are comparable to it."""
+    """Per reported metric that some successful run returned (:func:`measured_metrics`): categories ×
+    method labels (mean ± std over seeds), a mean row, and the paper's value with our difference (Δ) where
+    the runs are comparable to it."""
     references = load_references()
     labels = sorted({method_label(r) for r in rows})
     categories = sorted({str(r["category"]) for r in rows})
@@ -114,7 +117,7 @@ def summary_tables(rows: list[dict]) -> dict[Metric, Table]:
         for label in labels
     }
     tables = {}
-    for metric in reported_metrics():
+    for metric in measured_metrics(rows):
         values = aggregate(rows, metric.key)
         header = ["category"]
         for label in labels:
@@ -143,6 +146,14 @@ def summary_tables(rows: list[dict]) -> dict[Metric, Table]:
     return tables
 
 
+def measured_metrics(rows: list[dict]) -> list[Metric]:
+    """The reported metrics, less those that no successful run returned (the per-sample AUROC of a data set
+    without several views per part, pixel metrics without masks); all of them when no run succeeded, so
+    that the failures show."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    return [m for m in reported_metrics() if not ok or any(r.get(m.key) is not None for r in ok)]
+
+
 def result_cell(values: list[float] | None, incomplete: bool, is_mean: bool, metric: Metric) -> str:
     """Our value, marked ⚠ when some of its runs failed; "failed" when all did, "–" when none ran."""
     if values:
@@ -162,13 +173,14 @@ def reference_cells(values: list[float] | None, published: float | None, metric:
 
 
 def overview_tables(rows: list[dict]) -> dict[Metric, Table]:
-    """Per reported metric: method labels × data sets, each cell the mean over the categories with results
+    """Per reported metric that some successful run returned: method labels × data sets, each cell the mean
+    over the categories with results
     (± std over seeds), their number where the data set has more, ⚠ where runs failed: one table across
     benchmarks."""
     datasets = sorted({r["dataset"] for r in rows})
     labels = sorted({method_label(r) for r in rows})
     tables = {}
-    for metric in reported_metrics():
+    for metric in measured_metrics(rows):
         body = []
         for label in labels:
             cells = [label]
