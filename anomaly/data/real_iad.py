@@ -95,11 +95,11 @@ def real_iad_splits(
         ]
         for name, listed in entries.items()
     }
-    refuse_missing_files(split_path, samples)
-    refuse_mixed_view_sizes([*samples["train"], *samples["test"]], folder)
     if not samples["train"] or not samples["test"]:
         empty = "train" if not samples["train"] else "test"
         raise DataError(f"{split_path} lists no '{empty}' entries for '{category}'. {HINT}")
+    refuse_missing_files(split_path, samples)
+    refuse_mixed_view_sizes([*samples["train"], *samples["test"]], folder)
     if skipped is not None:
         listed = {path for s in (*samples["train"], *samples["test"]) for path in (s.image_path, s.mask_path)}
         unlisted = [path for path in sorted(folder.rglob("*")) if path.is_file() and path not in listed]
@@ -272,6 +272,6 @@ def describe(category: str, split: str, samples: dict[str, list[Sample]]) -> str
     return (
         f"Real-IAD {category} ({split}): train {len(train)} images of {len({s.sample_id for s in train})} "
         f"parts{f' ({noisy} of them defective, trained on as the split says)' if noisy else ''}; test "
-        f"{len(test)} images of {len(parts)} parts ({sum(parts.values())} defective); parts by number of "
-        "views: " + ", ".join(f"{count} views: {number}" for count, number in sorted(views.items()))
+        f"{len(test)} images of {len(parts)} parts ({sum(parts.values())} defective), "
+        + ", ".join(f"{number} with {count} view(s)" for count, number in sorted(views.items()))
     )
