@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from anomaly.cli.report import main as main_report
 from anomaly.data.few_shot import draw_shots, shot_views
 from anomaly.data.mvtec import MVTecAD
 from anomaly.data.samples import Sample
 from anomaly.errors import ConfigError, DataError
+from anomaly.reports.database import append_run
 from anomaly.reports.records import RunRecord
 from anomaly.reports.sweep import write_reports
 
@@ -187,3 +189,26 @@ def test_a_record_written_before_the_protocols_still_loads(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps(old))
     loaded = RunRecord.read(tmp_path)
     assert loaded.protocol == "per-category" and loaded.shots is None and loaded.shot_files == []
+
+
+def test_anomaly_report_shows_the_few_shot_runs_apart_from_the_runs_on_all_images(tmp_path):
+    """The overview across data sets holds the runs on all images only: a k = 1 run is no sample of them."""
+    sweep = tmp_path / "sweep"
+    fake(sweep, "k1", 0.60, 1)
+    fake(sweep, "k1_d1", 0.64, 1, draw=1)
+    fake(sweep, "all", 0.95, None)
+    database = tmp_path / "runs.sqlite"
+    for run_dir in sorted(sweep.iterdir()):
+        append_run(database, RunRecord.read(run_dir), run_dir)
+    assert main_report([str(database), "--out", str(tmp_path / "report")]) == 0
+    out = tmp_path / "report"
+    assert {path.name for path in out.glob("*.md")} == {
+        "overview.md",
+        "synthetic.md",
+        "synthetic-few-shot.md",
+    }
+    assert "| padim (resnet18) | 95.0 |" in (out / "overview.md").read_text()
+    few_shot = (out / "synthetic-few-shot.md").read_text()
+    assert "| fabric | padim (resnet18) | 62.0 ± 2.8 | 95.0 |" in few_shot
+    assert (out / "plots" / "synthetic-few-shot" / "learning_curve_image_auroc.png").is_file()
+    assert "id='synthetic-few-shot'" in (out / "index.html").read_text()
