@@ -266,7 +266,7 @@ def summary_markdown(
             if r["status"] != "ok"
         ]
         lines.append("")
-    lines += reference_sources(rows)
+    lines += reference_sources(of_protocol(rows, PER_CATEGORY))  # the few-shot tables show none
     return "\n".join(lines) + "\n"
 
 

@@ -150,10 +150,11 @@ def test_augmented_views_are_the_symmetries_of_the_square_or_the_four_that_keep_
 
 
 def fake(
-    sweep: Path, name: str, auroc: float, shots: int | None, draw: int = 0, method: str = "padim"
-) -> None:
+    sweep: Path, name: str, auroc: float, shots: int | None, draw: int = 0, method: str = "padim",
+    dataset: str = "synthetic",
+) -> None:  # fmt: skip
     record = RunRecord(
-        method=method, backbone="resnet18", dataset="synthetic", category="fabric", seed=0, status="ok",
+        method=method, backbone="resnet18", dataset=dataset, category="fabric", seed=0, status="ok",
         metrics={"image_auroc": auroc, "pixel_auroc": 0.9, "pixel_aupro": 0.8, "image_f1_max": 0.7},
         protocol="few-shot" if shots else "per-category", shots=shots,
         shot_draw=None if shots is None else draw,
@@ -180,6 +181,13 @@ def test_the_reports_give_per_k_the_mean_and_std_over_draws_beside_the_all_image
         ("per-category", "", ""),
     }  # fmt: skip
     assert "Few-shot" in (tmp_path / "report.html").read_text() and len(rows) == 5
+
+
+def test_a_few_shot_summary_cites_no_published_numbers_it_does_not_show(tmp_path):
+    """paper_results.yaml holds no few-shot values: a sweep of few-shot runs only names no paper."""
+    fake(tmp_path, "k1", 0.9, 1, method="patchcore", dataset="mvtec")
+    write_reports(tmp_path)
+    assert "Published numbers" not in (tmp_path / "summary.md").read_text()
 
 
 def test_a_record_written_before_the_protocols_still_loads(tmp_path):
