@@ -228,8 +228,9 @@ class AnomalyDataModule(pl.LightningDataModule):
         if self.calibration_dir is not None:  # normal images beside the training ones: all of these train
             self.calibration_origin = f"dataset.calibration_dir ({self.calibration_dir})"
         elif calibration and shot_calibration:
-            count = len(calibration)
-            self.calibration_origin = f"{count} un-drawn training images (dataset.shot_calibration={count})"
+            self.calibration_origin = (
+                f"{len(calibration)} un-drawn training images (dataset.shot_calibration)"
+            )
         elif calibration:
             self.calibration_origin = f"the data set's own held-out normal images ({self.name})"
         elif self.shots is not None:  # no calibration images: the threshold source says what that means

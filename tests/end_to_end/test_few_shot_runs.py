@@ -71,6 +71,14 @@ def test_every_method_runs_on_one_image(method, tmp_path, run_training, teacher)
         assert record["calibration"]["num_images"] == 2
 
 
+def test_augmented_shots_are_fitted_in_their_eight_views(tmp_path, run_training):
+    _, run_dir = run_training(tmp_path, [*SMALL_64, "method=padim", "dataset.shots=2",
+                                         "dataset.shot_augment=true"])  # fmt: skip
+    with safe_open(run_dir / "model.safetensors", "pt") as model:
+        assert int(model.get_tensor("count")) == 2 * 8  # the generated images are square
+    assert "no cross-fit with dataset.shot_augment=true" in record_of(run_dir)["threshold_note"]
+
+
 def test_efficientad_without_held_out_normal_images_is_refused_before_training(
     tmp_path, run_training, teacher
 ):

@@ -183,7 +183,9 @@ def test_a_few_shot_run_cross_fits_only_when_k_reaches_the_folds_and_says_why_no
     un-drawn training images are never taken, the test set never."""
     origin = "dataset.calibration_dir (/good)"
     assert choose_source("auto", origin, True, 2, 5, few_shot=True).kind == "calibration_images"
-    assert choose_source("auto", None, True, 8, 5, few_shot=True).description.startswith("cross-fit over the 8")
+    assert choose_source("auto", None, True, 8, 5, few_shot=True).description.startswith(
+        "cross-fit over the 8"
+    )
     for fits_once, k, augmented in ((True, 4, False), (True, 8, True), (False, 16, False)):
         none = choose_source("auto", None, fits_once, k, 5, few_shot=True, augmented=augmented)
         assert none.kind == "none" and f"besides its k={k}" in none.description

@@ -143,5 +143,5 @@ def test_padim_without_its_regulariser_refuses_too_few_images_for_a_covariance(t
     model = Padim(tiny_backbone(), n_features=10, covariance_epsilon=0.0)
     assert model.minimum_training_images()[0] == 11
     model.collect(smooth_images(10, seed=0))
-    with pytest.raises(DataError, match="at least 11 training images .* got 10"):
+    with pytest.raises(DataError, match=r"at least 11 training images .* got 10"):
         model.fit()
