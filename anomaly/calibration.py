@@ -144,39 +144,74 @@ SOURCES = ("auto", "calibration_images", "cross_fit", "none")  # threshold.sourc
 class CalibrationSource:
     """Which normal images give the calibration scores, and how the run records them."""
 
-    kind: str  # "calibration_images" (the data module's) or "cross_fit" (over the training images)
-    description: str  # recorded in the model file and run.json
+    kind: str  # "calibration_images" (the data module's), "cross_fit" (over the training images) or "none"
+    description: str  # recorded in the model file and run.json; for "none": why the run has no threshold
 
 
 def choose_source(
-    setting: str, calibration_origin: str | None, fits_once: bool, num_train: int, folds: int
-) -> CalibrationSource | None:
-    """The source that ``threshold.source`` names (None: no threshold). ``calibration_origin`` is the data
-    module's description of its calibration images (None: it has none); ``auto`` takes them, else a
-    ``folds``-fold cross-fit for fit-once methods, else no threshold (said in the log)."""
+    setting: str,
+    calibration_origin: str | None,
+    fits_once: bool,
+    num_train: int,
+    folds: int,
+    few_shot: bool = False,
+    augmented: bool = False,
+) -> CalibrationSource:
+    """The source that ``threshold.source`` names (kind ``"none"``: no threshold, and why).
+    ``calibration_origin`` is the data module's description of its calibration images (None: it has none);
+    ``auto`` takes them, else a ``folds``-fold cross-fit for fit-once methods, else no threshold (said in
+    the log). A few-shot run (``few_shot``: its ``num_train`` images are the k drawn ones, ``augmented``
+    with their views) cross-fits on ``auto`` only when k >= folds and without views: then each image is
+    scored by a model fitted on at least (folds − 1)/folds of the others, as with all training images."""
     if setting not in SOURCES:
         raise ConfigError(f"threshold.source must be one of {', '.join(SOURCES)}, got {setting!r}")
     if setting == "none":
-        return None
+        return CalibrationSource("none", "threshold.source=none")
     if setting == "auto":
-        setting = "calibration_images" if calibration_origin else "cross_fit" if fits_once else "none"
-        if setting == "none":
-            log.warning(
-                "No normal images to calibrate a threshold on: set dataset.calibration_fraction > 0 or "
-                "dataset.calibration_dir=<folder of good parts>. The run has no threshold."
-            )
-            return None
+        cross_fit_applies = fits_once and (not few_shot or (num_train >= folds and not augmented))
+        if not calibration_origin and not cross_fit_applies:
+            reason = no_threshold_reason(fits_once, num_train, folds, few_shot, augmented)
+            log.warning("%s The run has no threshold.", reason)
+            return CalibrationSource("none", reason)
+        setting = "calibration_images" if calibration_origin else "cross_fit"
     if setting == "calibration_images":
         if calibration_origin is None:
             raise ConfigError(
                 "threshold.source=calibration_images needs calibration images: dataset.calibration_dir="
                 "<folder of good parts> or dataset.calibration_fraction > 0"
+                + (" (a few-shot run: dataset.shot_calibration > 0)" if few_shot else "")
             )
         return CalibrationSource(setting, calibration_origin)
     if not fits_once:
         raise ConfigError("threshold.source=cross_fit needs a fit-once method (PaDiM, PatchCore)")
+    if num_train < 2 or augmented:
+        views = "dataset.shot_augment=true (fold models would fit without the views)"
+        why = views if augmented else f"{num_train} training image"
+        raise ConfigError(
+            f"threshold.source=cross_fit scores each training image by a model fitted on the others: not "
+            f"with {why}. Give dataset.calibration_dir=<folder of good parts>, or threshold.source=none."
+        )
     count = min(folds, num_train)  # tiny data: one image per fold
     return CalibrationSource(setting, f"cross-fit over the {num_train} training images ({count} folds)")
+
+
+def no_threshold_reason(fits_once: bool, num_train: int, folds: int, few_shot: bool, augmented: bool) -> str:
+    """Why ``threshold.source=auto`` found no normal images to calibrate on, and what would give some."""
+    if not few_shot:
+        return ("No normal images to calibrate a threshold on: set dataset.calibration_fraction > 0 or "
+                "dataset.calibration_dir=<folder of good parts>.")  # fmt: skip
+    why = f"a few-shot run has no normal images besides its k={num_train}"
+    if fits_once and augmented:
+        why += " and no cross-fit with dataset.shot_augment=true (fold models would fit without the views)"
+    elif fits_once:
+        why += (
+            f", and a cross-fit over them needs k >= threshold.folds={folds} (with fewer, each fold model "
+            "fits on too few of them to stand for the fitted one; threshold.source=cross_fit forces it)"
+        )
+    return (
+        f"No threshold: {why}. The test set never calibrates. Give dataset.calibration_dir=<folder of "
+        "good parts>, or dataset.shot_calibration=<n> to calibrate on n un-drawn training images."
+    )
 
 
 def _is_number(value: object) -> bool:

@@ -88,7 +88,7 @@ class RunResult:
         skipped = f"\n  skipped files: {len(record.skipped_files)} (run.json)" if record.skipped_files else ""
         calibration = (
             self.calibration.describe() if self.calibration
-            else "no threshold (threshold.source=none, or no normal images to calibrate on: see the log)"
+            else f"no threshold: {record.threshold_note or 'see the log'}"
         )  # fmt: skip
         return f"\n{title}\n{rows}{skipped}\n  {calibration}\n  outputs: {self.output_dir}\n"
 
@@ -151,11 +151,21 @@ def fit_and_test(cfg: DictConfig, output_dir: Path, run_id: str) -> RunResult:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     datamodule.setup()  # every file listed and checked before any work
+    check_enough_images(cfg.method.name, model, datamodule)
+    few_shot = datamodule.shots is not None
     source = choose_source(cfg.threshold.source, datamodule.calibration_origin, fits_once,
-                           len(datamodule.train_samples), cfg.threshold.folds)  # fmt: skip
+                           len(datamodule.train_samples), cfg.threshold.folds, few_shot,
+                           datamodule.shot_augment)  # fmt: skip
     needed = {"training": datamodule.train_samples}
     if normalization_share:
         needed["normalisation"] = datamodule.normalization_samples
+    if few_shot and normalization_share and not datamodule.normalization_samples:
+        raise ConfigError(
+            f"{cfg.method.name} normalises its maps on normal images it did not train on, and a few-shot "
+            f"run (dataset.shots={datamodule.shots}) has none besides its k images: give "
+            "dataset.calibration_dir=<folder of good parts>, or dataset.shot_calibration=<n> (n >= 2: half "
+            "normalise, half calibrate the threshold) to take n un-drawn training images."
+        )
     for what, samples in needed.items():
         if len(samples) < trainer.world_size:
             raise ConfigError(
@@ -193,7 +203,10 @@ def fit_and_test(cfg: DictConfig, output_dir: Path, run_id: str) -> RunResult:
     metrics = {**tested.metrics, **timings}
     if not writes:
         return RunResult(metrics, calibration, output_dir, None, None, tested.examples)
-    record = write_results(cfg, run_id, output_dir, tested, timings, calibration, datamodule, cache)
+    no_threshold = source.description if source.kind == "none" else None
+    record = write_results(
+        cfg, run_id, output_dir, tested, timings, calibration, datamodule, cache, no_threshold
+    )
     heatmaps = save_heatmaps(tested.examples, output_dir / "heatmaps")
     for logger in loggers:
         logger.log_metrics(timings)
@@ -247,6 +260,16 @@ def check_settings(cfg: DictConfig) -> None:
             raise ConfigError(f"evaluation.{key} must be {expected}, got {value!r}")
 
 
+def check_enough_images(method: str, model: AnomalyModel, datamodule: AnomalyDataModule) -> None:
+    """Before any work: the method's smallest number of training images (a few-shot run's smallest k)."""
+    minimum, why = model.minimum_training_images()
+    count = datamodule.training_image_count()
+    if count < minimum:
+        fix = f"dataset.shots >= {minimum}" if datamodule.shots is not None else "more normal training images"
+        raise ConfigError(f"{method} needs at least {minimum} training images ({why}); this run has {count}: "
+                          f"use {fix}.")  # fmt: skip
+
+
 def build_trainer(cfg: DictConfig, loggers: list[Logger]) -> pl.Trainer:
     """The Lightning trainer of ``configs/trainer``; ``trainer.strategy=ddp`` is our DDP, which fit-once
     methods need (Lightning's own refuses a module without trainable parameters)."""
@@ -297,7 +320,7 @@ def tiling_of(cfg: DictConfig, preprocessing: Preprocessing) -> Tiling | None:
 
 def calibrate(
     cfg: DictConfig,
-    source: CalibrationSource | None,
+    source: CalibrationSource,
     trainer: pl.Trainer,
     model: AnomalyModel,
     datamodule: AnomalyDataModule,
@@ -307,7 +330,7 @@ def calibrate(
     """The decision thresholds, from the normal images ``source`` names (never the test set). On several
     processes each scores its share of the images and the scores are gathered in data-set order: every
     rank fits the same thresholds."""
-    if source is None:
+    if source.kind == "none":
         return None
     collective = collective_of(trainer)
     if source.kind == "cross_fit":
@@ -400,8 +423,10 @@ def write_results(
     calibration: Calibration | None,
     datamodule: AnomalyDataModule,
     cache: FeatureCache | None = None,
+    no_threshold: str | None = None,
 ) -> RunRecord:
-    """``metrics.json``, the finished ``run.json`` and the run's row in the results database."""
+    """``metrics.json``, the finished ``run.json`` and the run's row in the results database;
+    ``no_threshold``: why the run has no threshold (None: it has one)."""
     summary = calibration.summary() if calibration else None
     metrics = {**tested.metrics, **timings, "calibration": summary}
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -411,6 +436,9 @@ def write_results(
     record.skipped_files = [problem.describe() for problem in datamodule.bad_files]
     record.sample_images = [example["path"] for example in tested.examples]
     record.feature_cache = cache.counts() if cache is not None else None
+    record.threshold_note = no_threshold
+    if datamodule.shots is not None:
+        record.shot_files = [str(sample.image_path) for sample in datamodule.train_samples]
     record.write(output_dir)
     add_to_results_db(cfg, record, output_dir)
     return record

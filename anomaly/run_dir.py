@@ -27,7 +27,16 @@ from anomaly.reports.database import append_run
 from anomaly.reports.records import RunRecord
 
 log = logging.getLogger(__name__)
-TABLE_AXES = ("method", "backbone", "dataset", "dataset.category", "seed")  # never part of a variant
+# never part of a variant: the tables' rows and columns, and what they average over (seeds, draws)
+TABLE_AXES = (
+    "method",
+    "backbone",
+    "dataset",
+    "dataset.category",
+    "seed",
+    "dataset.shots",
+    "dataset.shot_draw",
+)
 LOCK_FILE = ".anomaly-train.lock"  # in the run dir, locked by the run writing there (hold_run_dir)
 NOT_RESULTS = (  # where a run's files are and how it reports: never part of what it computes
     "paths", "logger", "force", "num_threads", "reuse_freed_memory", "optimized_metric",
@@ -147,6 +156,7 @@ def run_record(
     variant = [item for item in overrides if not _is_axis_or_excluded(item.split("=", 1)[0], excluded)]
     model = cfg.method.get("model") or {}
     logger = (cfg.get("logger") or {}).get("wandb")
+    shots = (cfg.get("dataset") or {}).get("shots")
     return RunRecord(
         method=cfg.method.name,
         backbone=cfg.backbone.name if "features" in model or "backbone" in model else None,
@@ -158,6 +168,9 @@ def run_record(
         metrics=metrics or {},
         error=error,
         wandb={"project": logger.project, "offline": logger.offline} if logger else None,
+        protocol="per-category" if shots is None else "few-shot",
+        shots=shots,
+        shot_draw=None if shots is None else cfg.dataset.get("shot_draw", 0),
         run_id=run_id,
     )
 

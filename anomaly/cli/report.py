@@ -3,7 +3,10 @@
 ``anomaly-report outputs/`` reads ``outputs/runs.sqlite`` (appended by every ``anomaly-train`` job) and
 writes ``outputs/report/index.html`` (one table across data sets, then per data set its tables beside the
 published numbers, plots and runs) and ``outputs/report/<data set>.md`` (the same tables in Markdown).
-Of several runs of one combination (method and settings, data set, category, seed) the newest counts.
+Each protocol is shown apart: the overview and ``<data set>.md`` hold one model per category on all its
+training images; few-shot runs get ``<data set>-few-shot.md`` and a section of their own (k × draws
+tables and learning curves). Of several runs of one combination (method and settings, data set,
+category, k, seed, draw) the newest counts.
 """
 
 import argparse
@@ -14,12 +17,13 @@ from pathlib import Path
 
 from anomaly.cli.runtime import report_user_errors
 from anomaly.errors import UserError
-from anomaly.reports.collect import newest_per_combination, record_row
+from anomaly.reports.collect import FEW_SHOT, PER_CATEGORY, newest_per_combination, of_protocol, record_row
 from anomaly.reports.database import DATABASE_FILE, read_runs
 from anomaly.reports.html import database_report_html
-from anomaly.reports.plots import save_plots
+from anomaly.reports.plots import save_learning_curves, save_plots
 from anomaly.reports.tables import (
     VALUES_NOTE,
+    few_shot_tables,
     heading,
     markdown_table,
     overview_tables,
@@ -47,14 +51,26 @@ def write_report(source: Path, out_dir: Path) -> Path:
     for dataset in sorted({row["dataset"] for row in everything}):
         # variants per data set: its own settings (e.g. a generated set's size) are not a method variant
         subset, repeats = newest_per_combination([row for row in everything if row["dataset"] == dataset])
-        rows += subset
         notes = [f"Ignored {len(repeats)} older run(s) of a combination run again."] if repeats else []
-        tables = summary_tables(subset)
-        markdown = summary_markdown(subset, tables, notes, title=f"{dataset}: results")
-        (out_dir / f"{dataset}.md").write_text(markdown)
-        sections.append((dataset, subset, tables, save_plots(subset, out_dir / "plots" / dataset)))
+        if per_category := of_protocol(subset, PER_CATEGORY):
+            rows += per_category
+            tables = summary_tables(per_category)
+            markdown = summary_markdown(per_category, tables, notes, title=f"{dataset}: results")
+            (out_dir / f"{dataset}.md").write_text(markdown)
+            sections.append(
+                (dataset, per_category, tables, save_plots(per_category, out_dir / "plots" / dataset))
+            )
+        if few_shot := of_protocol(subset, FEW_SHOT):  # beside the same data set's runs on all images
+            name = f"{dataset}-few-shot"
+            tables = few_shot_tables(subset)
+            markdown = summary_markdown(
+                few_shot, {}, notes, title=f"{dataset}: few-shot results", few_shot=tables
+            )
+            (out_dir / f"{name}.md").write_text(markdown)
+            sections.append((name, few_shot, tables, save_learning_curves(subset, out_dir / "plots" / name)))
     overview = overview_tables(rows)
-    lines = ["# All data sets: mean over categories", "", f"{VALUES_NOTE} (n/N): categories run of N.", ""]
+    lines = ["# All data sets: mean over categories (one model per category, all its training images)", "",
+             f"{VALUES_NOTE} (n/N): categories run of N.", ""]  # fmt: skip
     for metric, table in overview.items():
         lines += [f"## {heading(metric)}", "", *markdown_table(table), ""]
     (out_dir / "overview.md").write_text("\n".join(lines))

@@ -9,18 +9,20 @@ before any work, the counts logged, the *calibration images* (normal images the 
 
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 from anomaly import distributed
 from anomaly.allocator import release_freed_memory
 from anomaly.data.check import Problem, check_samples, problem_report
 from anomaly.data.dataset import ImageDataset
+from anomaly.data.few_shot import ShotViews, all_square, check_shot_settings, draw_shots, shot_views
 from anomaly.data.preprocessing import Preprocessing
 from anomaly.data.samples import (
     Sample,
@@ -114,6 +116,13 @@ class AnomalyDataModule(pl.LightningDataModule):
     run.json). ``train_in_order``: training images in data-set order instead of shuffled (fit-once
     methods, whose fit must not depend on how many processes share it).
 
+    Few-shot runs (``shots=k``): the model fits on k normal training images, drawn by ``shot_draw`` alone
+    (:func:`~anomaly.data.few_shot.draw_shots`; the test set is unchanged), each in the views of
+    :func:`~anomaly.data.few_shot.shot_views` with ``shot_augment``. The calibration images are then
+    ``calibration_dir``'s, the data set's own held-out ones, or ``shot_calibration`` un-drawn training
+    images when asked for; never ``calibration_fraction`` of the k images or of the un-drawn ones (a
+    k-shot user has no others).
+
     On several processes (``trainer=ddp``) every loader holds this rank's share (:class:`ShardSampler`);
     the sample lists stay whole on every rank.
     """
@@ -132,8 +141,13 @@ class AnomalyDataModule(pl.LightningDataModule):
         calibration_dir: str | None = None,
         train_in_order: bool = False,
         normalization_share: float = 0.0,
+        shots: int | None = None,
+        shot_draw: int = 0,
+        shot_augment: bool = False,
+        shot_calibration: int = 0,
     ) -> None:
         super().__init__()
+        check_shot_settings(shots, shot_draw, shot_calibration)
         if not 0.0 <= calibration_fraction < 1.0:
             raise ConfigError(f"dataset.calibration_fraction must be in [0, 1), got {calibration_fraction}")
         if not 0.0 <= normalization_share < 1.0:
@@ -154,7 +168,9 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.calibration_dir = Path(calibration_dir).expanduser() if calibration_dir else None
         self.train_in_order = train_in_order
         self.normalization_share = normalization_share
-        self.train_samples: list[Sample] = []
+        self.shots, self.shot_draw, self.shot_calibration = shots, shot_draw, shot_calibration
+        self.shot_augment = bool(shot_augment)
+        self.train_samples: list[Sample] = []  # the images the model fits on (the k drawn ones with shots)
         self.calibration_samples: list[Sample] = []  # normal images that calibrate the threshold
         self.normalization_samples: list[Sample] = []  # normal images a method normalises on (disjoint)
         self.calibration_origin: str | None = None  # where the calibration images come from, in words
@@ -173,12 +189,17 @@ class AnomalyDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        """Lists and checks every file (once), then splits; raises DataError naming every bad file."""
+        """Lists the files, draws a few-shot run's images, checks every file it uses (once), then splits;
+        raises DataError naming every bad file."""
         if self.train_samples:
             return
         train, test, own_calibration = self.load_samples()
         calibration = self._calibration_dir_samples() or list(own_calibration)
+        shot_calibration: list[Sample] = []
+        if self.shots is not None:  # drawn before the check: un-drawn images are never read
+            train, shot_calibration = self._draw_shots(train, bool(calibration))
         unlabeled = self.unlabeled_sets()
+        calibration = calibration or shot_calibration
         every = [*train, *test, *calibration, *(s for samples in unlabeled.values() for s in samples)]
         problems = check_samples(every, description=f"Checking {self.name}")
         if problems and self.on_bad_file == "error":
@@ -198,11 +219,26 @@ class AnomalyDataModule(pl.LightningDataModule):
             self.bad_files = problems
         if not train:
             raise DataError(f"No usable training images in {self.name}.")
+        if self.shots is not None and len(train) < self.shots:
+            raise DataError(
+                f"dataset.shots={self.shots}: {self.shots - len(train)} of the drawn images failed the data "
+                "check (listed above). Fix them, or take another draw (dataset.shot_draw)."
+            )
         self.test_samples, self.unlabeled = test, unlabeled
         if self.calibration_dir is not None:  # normal images beside the training ones: all of these train
             self.calibration_origin = f"dataset.calibration_dir ({self.calibration_dir})"
+        elif calibration and shot_calibration:
+            self.calibration_origin = (
+                f"{len(calibration)} un-drawn training images (dataset.shot_calibration)"
+            )
         elif calibration:
             self.calibration_origin = f"the data set's own held-out normal images ({self.name})"
+        elif self.shots is not None:  # no calibration images: the threshold source says what that means
+            if self.calibration_fraction:
+                log.info("dataset.calibration_fraction=%g does not apply to a few-shot run: it would hold "
+                         "out some of the k images, or use un-drawn ones a k-shot user does not have "
+                         "(dataset.shot_calibration=<n> asks for those).",
+                         self.calibration_fraction)  # fmt: skip
         else:
             train, calibration = seeded_split(train, round(len(train) * self.calibration_fraction), self.seed)
             if calibration:
@@ -214,6 +250,21 @@ class AnomalyDataModule(pl.LightningDataModule):
             count = max(1, round(len(calibration) * self.normalization_share))
             self.calibration_samples, self.normalization_samples = seeded_split(calibration, count, self.seed)
         log.info(self.summary())
+
+    def _draw_shots(self, train: list[Sample], has_calibration: bool) -> tuple[list[Sample], list[Sample]]:
+        """The k drawn training images and the ``shot_calibration`` un-drawn ones; the draw logged."""
+        if self.shot_calibration and has_calibration:
+            where = (
+                "dataset.calibration_dir" if self.calibration_dir else "the data set's own held-out images"
+            )
+            raise ConfigError(
+                f"dataset.shot_calibration={self.shot_calibration}, but {where} calibrate this run: set "
+                "dataset.shot_calibration=0 (or, for generated data, dataset.n_calibration=0)."
+            )
+        drawn, calibration = draw_shots(train, self.shots, self.shot_draw, self.shot_calibration, self.name)
+        log.info("Few-shot: %d of %d normal training images (dataset.shot_draw=%d): %s", self.shots,
+                 len(train), self.shot_draw, ", ".join(str(s.image_path) for s in drawn))  # fmt: skip
+        return drawn, calibration
 
     def unlabeled_sets(self) -> dict[str, list[Sample]]:
         """Test images without ground truth that a benchmark scores elsewhere (MVTec AD 2's private sets):
@@ -240,7 +291,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         if self.normalization_samples:
             calibration += f" (+{len(self.normalization_samples)} for the method's normalisation)"
         lines = [
-            f"Data {self.name}: train {len(self.train_samples)} images, calibration {calibration}, "
+            f"Data {self.name}: train {len(self.train_samples)} images{self._shots_note()}, calibration "
+            f"{calibration}, "
             f"test {len(self.test_samples)} ({test[0]} good, {test[1]} defective, {masks} masks)"
             + "".join(
                 f", {name} {len(samples)} (no ground truth)" for name, samples in self.unlabeled.items()
@@ -250,19 +302,42 @@ class AnomalyDataModule(pl.LightningDataModule):
             lines.append(f"  {describe_skipped(self.skipped)}")
         return "\n".join(lines)
 
+    def _shots_note(self) -> str:
+        if self.shots is None:
+            return ""
+        views = f", each in {len(self._shot_views())} views" if self.shot_augment else ""
+        return f" (few-shot: dataset.shots={self.shots}, draw {self.shot_draw}{views})"
+
+    def _shot_views(self) -> list[Callable[[Tensor], Tensor]]:
+        """The views of each drawn image with ``shot_augment``: all 8 only when every image is square (by
+        the preprocessing's output size, else by the drawn images' own sizes)."""
+        size = self.preprocessing.output_size
+        square = (
+            size[0] == size[1] if size is not None else all_square(s.image_path for s in self.train_samples)
+        )
+        return shot_views(square)
+
+    def training_image_count(self) -> int:
+        """How many images the model fits on: the training images, each in its views with shot_augment."""
+        return len(self.train_samples) * (len(self._shot_views()) if self.shot_augment else 1)
+
     def has_pixel_ground_truth(self) -> bool:
         """Pixel metrics need a mask for every defective test image."""
         defective = [s for s in self.test_samples if s.label == 1]
         return bool(defective) and all(s.mask_path is not None for s in defective)
 
-    def _loader(self, samples: list[Sample], shuffle: bool) -> DataLoader:
-        """Batches of ``samples``: shuffled by the seeded generator on one process, else this rank's share."""
+    def _loader(self, samples: list[Sample], shuffle: bool, augment: bool = False) -> DataLoader:
+        """Batches of ``samples`` (each in the few-shot views with ``augment``): shuffled by the seeded
+        generator on one process, else this rank's share."""
         generator = torch.Generator().manual_seed(self.seed)
+        dataset = ImageDataset(samples, self.transform)
+        if augment:
+            dataset = ShotViews(dataset, self._shot_views())
         sampler = None
         if distributed.process_collective().size > 1 or not shuffle:
-            sampler, shuffle = ShardSampler(len(samples), shuffle, self.seed), False
+            sampler, shuffle = ShardSampler(len(dataset), shuffle, self.seed), False
         return TrimmedForkDataLoader(
-            ImageDataset(samples, self.transform),
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             sampler=sampler,
@@ -273,7 +348,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_samples, shuffle=not self.train_in_order)
+        return self._loader(self.train_samples, shuffle=not self.train_in_order, augment=self.shot_augment)
 
     def fold_dataloaders(self, folds: int) -> list[DataLoader]:
         """The training images in ``folds`` seeded, disjoint folds of (almost) equal size, a loader each."""

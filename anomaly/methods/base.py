@@ -51,6 +51,11 @@ class AnomalyModel(nn.Module):
     def forward(self, images: Tensor) -> AnomalyOutput:
         raise NotImplementedError
 
+    def minimum_training_images(self) -> tuple[int, str]:
+        """The fewest normal training images this model fits on, and why (in words): checked before any
+        work, so that a run on fewer (a few-shot run's k) is refused at once."""
+        return 1, "every method here fits on a single normal image"
+
     def use_graph_safe_ops(self) -> None:
         """Switches to operations that tracing and ``torch.export`` capture, with the same values (e.g.
         PatchCore's pure-torch k-NN instead of faiss). Called by ``anomaly-export`` on its own copy."""

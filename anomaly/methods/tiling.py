@@ -154,6 +154,9 @@ class TiledFitOnceModel(FitOnceModel):
     def forward(self, images: Tensor) -> AnomalyOutput:
         return score_tiles(self.models, self.tiling, images)
 
+    def minimum_training_images(self) -> tuple[int, str]:
+        return self.models[0].minimum_training_images()  # each tile model sees at least every image once
+
     def collect(self, images: Tensor) -> None:
         tiles = self.tiling.split(images)
         if not self.tiling.per_position:

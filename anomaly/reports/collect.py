@@ -5,7 +5,9 @@ from pathlib import Path
 from anomaly.metrics.registry import reported_metrics
 from anomaly.reports.records import RECORD_FILE, RunRecord
 
-RUN_COLUMNS = ("method", "backbone", "variant", "dataset", "category", "seed", "status")
+RUN_COLUMNS = ("method", "backbone", "variant", "dataset", "category", "seed", "status", "protocol", "shots",
+               "shot_draw")  # fmt: skip
+PER_CATEGORY, FEW_SHOT = "per-category", "few-shot"  # RunRecord.protocol
 TIMING_COLUMNS = ("fit_seconds", "test_seconds", "peak_rss_mb")
 
 
@@ -30,6 +32,9 @@ def record_row(record: RunRecord, run_dir: Path) -> dict:
         "category": record.category,
         "seed": record.seed,
         "status": record.status,
+        "protocol": record.protocol,
+        "shots": record.shots,
+        "shot_draw": record.shot_draw,
         "run_dir": str(run_dir),
         "overrides": dict(item.split("=", 1) for item in record.variant if "=" in item),
         "wandb": record.wandb,
@@ -45,9 +50,9 @@ def collect_runs(folder: Path) -> tuple[list[dict], list[dict]]:
     """(rows, repeats) of every run below ``folder``, earlier invocations of a resumed sweep included.
 
     Rows get a ``variant``: the swept settings that tell runs of one method apart (e.g. a coreset ratio
-    sweep), so that only seeds are ever averaged together. Of several runs of one combination (e.g. the
-    same sweep run again with another logger, which makes Hydra pick another folder), the newest counts;
-    the others are returned as repeats.
+    sweep), so that only repeats (seeds, and a few-shot run's draws) are ever averaged together. Of several
+    runs of one combination (e.g. the same sweep run again with another logger, which makes Hydra pick
+    another folder), the newest counts; the others are returned as repeats.
     """
     run_dirs = sorted({path.parent for path in folder.rglob(RECORD_FILE)})
     rows = [row for run_dir in run_dirs if (row := read_row(run_dir))]
@@ -57,16 +62,31 @@ def collect_runs(folder: Path) -> tuple[list[dict], list[dict]]:
 
 def newest_per_combination(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(kept, repeats) of ``rows`` given oldest first: the newest run of each (method label, data set,
-    category, seed) is kept, sorted for tables; ``variant`` is set on every row (:func:`add_variants`)."""
+    category, shots, seed, draw) is kept, sorted for tables; ``variant`` is set on every row
+    (:func:`add_variants`)."""
     add_variants(rows)
     newest: dict[tuple, dict] = {}
     for row in rows:
-        newest[(method_label(row), row["dataset"], str(row["category"]), row["seed"])] = row
+        newest[(method_label(row), row["dataset"], str(row["category"]), row.get("shots"), *repeat(row))] = (
+            row
+        )
     kept = sorted(
-        newest.values(), key=lambda r: (r["dataset"], method_label(r), str(r["category"]), r["seed"] or 0)
-    )
+        newest.values(),
+        key=lambda r: (r["dataset"], method_label(r), str(r["category"]), r.get("shots") or 0, r["seed"] or 0,
+                       r.get("shot_draw") or 0),
+    )  # fmt: skip
     kept_ids = {id(row) for row in kept}
     return kept, [row for row in rows if id(row) not in kept_ids]
+
+
+def repeat(row: dict) -> tuple[int, int]:
+    """What tells repeats of one setting apart, which the tables average over: (seed, few-shot draw)."""
+    return row["seed"], row.get("shot_draw") or 0
+
+
+def of_protocol(rows: list[dict], protocol: str) -> list[dict]:
+    """The rows of one protocol (RunRecord.protocol); the reports show each apart."""
+    return [row for row in rows if row.get("protocol", PER_CATEGORY) == protocol]
 
 
 def add_variants(rows: list[dict]) -> None:

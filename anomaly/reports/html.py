@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 from anomaly.metrics.registry import Metric
 from anomaly.reports.collect import method_label, one_line
-from anomaly.reports.tables import VALUES_NOTE, Table, heading
+from anomaly.reports.tables import FEW_SHOT_NOTE, VALUES_NOTE, Table, heading, shots_label
 
 STYLE = (
     "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
@@ -18,16 +18,26 @@ STYLE = (
 
 
 def report_html(
-    rows: list[dict], tables: dict[Metric, Table], notes: Sequence[str], plots: list[Path], sweep_dir: Path
+    rows: list[dict],
+    tables: dict[Metric, Table],
+    notes: Sequence[str],
+    plots: list[Path],
+    sweep_dir: Path,
+    few_shot: dict[Metric, Table] | None = None,
 ) -> str:
-    """A sweep's page: its tables, plots and every run with its heatmaps."""
+    """A sweep's page: its tables (the few-shot ones after the others), plots and every run with its
+    heatmaps."""
     n_failed = sum(r["status"] != "ok" for r in rows)
     body = [
         f"<h1>Benchmark report</h1><p>{html.escape(str(sweep_dir))}: {len(rows)} runs, {n_failed} failed. "
         f"{VALUES_NOTE}</p>"
     ]
     body += [f"<p class='note'>{html.escape(note)}</p>" for note in notes]
-    body += [section_html(tables, plots, sweep_dir, level=2), runs_html(rows, sweep_dir)]
+    body.append(section_html(tables, [], sweep_dir, level=2))
+    if few_shot:
+        body.append(f"<h2>Few-shot</h2><p>{html.escape(FEW_SHOT_NOTE)}</p>")
+        body.append(section_html(few_shot, [], sweep_dir, level=3, prefix="few-shot "))
+    body += [section_html({}, plots, sweep_dir, level=2), runs_html(rows, sweep_dir)]
     return page("anomaly benchmark", body)
 
 
@@ -41,7 +51,8 @@ def database_report_html(
     runs = sum(len(rows) for _, rows, _, _ in sections)
     body = [
         f"<h1>Results across benchmarks</h1><p>{html.escape(str(source))}: {runs} runs on "
-        f"{len(sections)} data set(s). {VALUES_NOTE} (n/N): categories run of N.</p>",
+        f"{len(sections)} section(s) (a data set and protocol each). {VALUES_NOTE} (n/N): categories run "
+        "of N.</p>",
         "<h2 id='overview'>All data sets: mean over categories</h2>",
     ]
     body += [
@@ -54,9 +65,11 @@ def database_report_html(
     return page("anomaly results", body)
 
 
-def section_html(tables: dict[Metric, Table], plots: list[Path], page_dir: Path, level: int) -> str:
+def section_html(
+    tables: dict[Metric, Table], plots: list[Path], page_dir: Path, level: int, prefix: str = ""
+) -> str:
     parts = [
-        f"<h{level}>{html.escape(heading(metric))}</h{level}>" + html_table(*table)
+        f"<h{level}>{html.escape(prefix + heading(metric))}</h{level}>" + html_table(*table)
         for metric, table in tables.items()
     ]
     parts += [
@@ -74,7 +87,7 @@ def runs_html(rows: list[dict], page_dir: Path) -> str:
         heatmaps = sorted((run_dir / "heatmaps").glob("*.png"))[:3]
         images = "".join(f'<img class="heat" src="{link(h, page_dir)}" alt="{h.stem}">' for h in heatmaps)
         status = row["status"] if row["status"] == "ok" else f"failed: {one_line(row.get('error', ''))}"
-        cells = [method_label(row), str(row["category"]), str(row["seed"]), status]
+        cells = [method_label(row), str(row["category"]), f"{row['seed']}{shots_label(row)}", status]
         folder = f"<a href='{link(run_dir, page_dir)}'>{html.escape(run_dir.name)}</a>"
         runs.append(
             "".join(f"<td>{html.escape(c)}</td>" for c in cells) + f"<td>{images}</td><td>{folder}</td>"

@@ -29,6 +29,13 @@ class RunRecord:
     calibration: dict | None = None  # the thresholds and their guarantees (Calibration.summary())
     feature_cache: dict | None = None  # the backbone feature cache's images_read, images_computed; None: off
     wandb: dict | None = None  # the run's wandb logger settings (project, offline) for the sweep's summary
+    # how the run is fitted and evaluated: "per-category" (one model on all of a category's normal images),
+    # "few-shot" (on dataset.shots of them); the reports show each protocol apart
+    protocol: str = "per-category"
+    shots: int | None = None  # few-shot: k, the normal training images it fitted on
+    shot_draw: int | None = None  # few-shot: which draw of the k images (dataset.shot_draw)
+    shot_files: list[str] = field(default_factory=list)  # few-shot: the k drawn images
+    threshold_note: str | None = None  # why the run has no threshold (None: it has one, or it failed first)
     # the run's own id, its key in the results database (a run dir can hold a later run: force=true)
     run_id: str = field(default_factory=lambda: uuid4().hex)
 

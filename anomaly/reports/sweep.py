@@ -17,10 +17,10 @@ import yaml
 from omegaconf import DictConfig
 
 from anomaly.metrics.registry import Metric
-from anomaly.reports.collect import collect_runs
+from anomaly.reports.collect import PER_CATEGORY, collect_runs, of_protocol
 from anomaly.reports.html import report_html
-from anomaly.reports.plots import save_plots
-from anomaly.reports.tables import Table, summary_markdown, summary_tables, write_results_csv
+from anomaly.reports.plots import save_learning_curves, save_plots
+from anomaly.reports.tables import Table, few_shot_tables, summary_markdown, summary_tables, write_results_csv
 from anomaly.reports.wandb_logging import log_to_wandb
 
 log = logging.getLogger(__name__)
@@ -29,16 +29,19 @@ log = logging.getLogger(__name__)
 def write_reports(
     sweep_dir: Path, notes: Sequence[str] = ()
 ) -> tuple[list[dict], dict[Metric, Table], list[Path]]:
-    """results.csv, summary.md, plots/ and report.html into ``sweep_dir``; returns (rows, tables, plots)."""
+    """results.csv, summary.md, plots/ and report.html into ``sweep_dir``; returns (rows, tables, plots).
+    Each protocol gets its own tables: one model per category (``tables``), few-shot (k × draws)."""
     rows, repeats = collect_runs(sweep_dir)
     if repeats:
         notes = [*notes, f"Ignored {len(repeats)} older run(s) of a combination that was run again: "
                  + ", ".join(Path(r["run_dir"]).name for r in repeats)]  # fmt: skip
     write_results_csv(rows, sweep_dir / "results.csv")
-    tables = summary_tables(rows)
-    (sweep_dir / "summary.md").write_text(summary_markdown(rows, tables, notes))
-    plots = save_plots(rows, sweep_dir / "plots")
-    (sweep_dir / "report.html").write_text(report_html(rows, tables, notes, plots, sweep_dir))
+    per_category = of_protocol(rows, PER_CATEGORY)
+    tables = summary_tables(per_category) if per_category else {}
+    few_shot = few_shot_tables(rows)
+    (sweep_dir / "summary.md").write_text(summary_markdown(rows, tables, notes, few_shot=few_shot))
+    plots = save_plots(per_category, sweep_dir / "plots") + save_learning_curves(rows, sweep_dir / "plots")
+    (sweep_dir / "report.html").write_text(report_html(rows, tables, notes, plots, sweep_dir, few_shot))
     return rows, tables, plots
 
 

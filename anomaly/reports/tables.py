@@ -1,5 +1,5 @@
 """Results as tables: results.csv, and per reported metric (anomaly/metrics/registry.py) a categories ×
-methods table with the papers' numbers."""
+methods table with the papers' numbers, and for few-shot runs a (category, method) × k table."""
 
 import csv
 from collections.abc import Sequence
@@ -15,7 +15,15 @@ from anomaly.data.mvtec_loco import LOCO_CATEGORIES
 from anomaly.data.real_iad import REAL_IAD_OBJECTS
 from anomaly.data.visa import VISA_CATEGORIES
 from anomaly.metrics.registry import Metric, reported_metrics
-from anomaly.reports.collect import columns, method_label, one_line
+from anomaly.reports.collect import (
+    FEW_SHOT,
+    PER_CATEGORY,
+    columns,
+    method_label,
+    of_protocol,
+    one_line,
+    repeat,
+)
 
 REFERENCES_FILE = Path(__file__).with_name("paper_results.yaml")
 BENCHMARK_CATEGORIES = {  # data set config -> all its categories: a published mean needs all of them run
@@ -27,7 +35,14 @@ BENCHMARK_CATEGORIES = {  # data set config -> all its categories: a published m
     "real_iad": REAL_IAD_OBJECTS,
 }
 Table = tuple[list[str], list[list[str]]]  # header, body rows
-VALUES_NOTE = "Mean ± std over seeds; (%): shares ×100; ↑/↓: higher/lower is better."
+FEW_SHOT_NOTE = (
+    "Few-shot (docs/benchmarks.md, Protocols): each model fitted on k normal training images drawn by "
+    "dataset.shot_draw; the test set is the full one. Cells: mean ± std over the draws (and seeds); "
+    '"all images": the same method fitted on every training image, where such a run is among these.'
+)
+VALUES_NOTE = (
+    "Mean ± std over seeds (few-shot: over draws and seeds); (%): shares ×100; ↑/↓: higher/lower is better."
+)
 
 
 def write_results_csv(rows: list[dict], path: Path) -> None:
@@ -37,17 +52,18 @@ def write_results_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def aggregate(rows: list[dict], metric: str) -> dict[tuple[str, str], dict[int, float]]:
-    """(category, method label) → {seed: metric} of the successful runs."""
-    table: dict[tuple[str, str], dict[int, float]] = {}
+def aggregate(rows: list[dict], metric: str) -> dict[tuple[str, str], dict[tuple[int, int], float]]:
+    """(category, method label) → {repeat (seed, draw): metric} of the successful runs (rows of one setting
+    per method label: of one protocol, and of one k for few-shot runs)."""
+    table: dict[tuple[str, str], dict[tuple[int, int], float]] = {}
     for row in rows:
         if row["status"] == "ok" and row.get(metric) is not None:
-            table.setdefault((str(row["category"]), method_label(row)), {})[row["seed"]] = float(row[metric])
+            table.setdefault((str(row["category"]), method_label(row)), {})[repeat(row)] = float(row[metric])
     return table
 
 
 def format_cell(values: Sequence[float], metric: Metric) -> str:
-    """The mean, ± the sample std when there are several seeds, each as :func:`format_value` shows it."""
+    """The mean, ± the sample std when there are several repeats, each as :func:`format_value` shows it."""
     cell = format_value(mean(values), metric)
     return cell if len(values) == 1 else f"{cell} ± {format_value(stdev(values), metric)}"
 
@@ -95,8 +111,8 @@ def published_mean(published: dict, categories: list[str], dataset: str) -> floa
 
 
 def column_mean(values: dict, categories: list[str], label: str) -> list[float] | None:
-    """The mean over categories per seed (seeds that all categories have); None when a category has no
-    result (then there is no fair mean)."""
+    """The mean over categories per repeat (seed, draw: those that all categories have); None when a
+    category has no result (then there is no fair mean)."""
     per_category = [values.get((c, label)) for c in categories]
     if not all(per_category):
         return None
@@ -107,7 +123,8 @@ def column_mean(values: dict, categories: list[str], label: str) -> list[float] 
 def summary_tables(rows: list[dict]) -> dict[Metric, Table]:
     """Per reported metric that some successful run returned (:func:`measured_metrics`): categories ×
     method labels (mean ± std over seeds), a mean row, and the paper's value with our difference (Δ) where
-    the runs are comparable to it."""
+    the runs are comparable to it. ``rows`` of one model per category on all training images (protocol
+    per-category)."""
     references = load_references()
     labels = sorted({method_label(r) for r in rows})
     categories = sorted({str(r["category"]) for r in rows})
@@ -163,6 +180,39 @@ def result_cell(values: list[float] | None, incomplete: bool, is_mean: bool, met
     return "–"
 
 
+def few_shot_tables(rows: list[dict]) -> dict[Metric, Table]:
+    """Per reported metric with few-shot results: a row per (category, method label), a column per k (each
+    cell the mean ± std over draws and seeds), and the method's result on all training images where the
+    rows hold a run of it (protocol per-category); with several categories, a mean row per method (per
+    repeat the mean over categories, as in :func:`summary_tables`)."""
+    few = of_protocol(rows, FEW_SHOT)
+    ks = sorted({row["shots"] for row in few})
+    parts = [[row for row in few if row["shots"] == k] for k in ks] + [of_protocol(rows, PER_CATEGORY)]
+    failed = [{(str(r["category"]), method_label(r)) for r in part if r["status"] != "ok"} for part in parts]
+    labels = sorted({method_label(row) for row in few})
+    categories = sorted({str(row["category"]) for row in few})
+    tables = {}
+    for metric in reported_metrics():
+        values = [aggregate(part, metric.key) for part in parts]
+        if not any(values[:-1]):
+            continue
+        body = []
+        for category in [*categories, *(["mean"] if len(categories) > 1 else [])]:
+            for label in labels:
+                cells = [category, label]
+                for by_repeat, failures in zip(values, failed, strict=True):
+                    if category == "mean":
+                        ours = column_mean(by_repeat, categories, label)
+                        incomplete = any(label == f for _, f in failures)
+                    else:
+                        ours = list(by_repeat.get((category, label), {}).values()) or None
+                        incomplete = (category, label) in failures
+                    cells.append(result_cell(ours, incomplete, category == "mean", metric))
+                body.append(cells)
+        tables[metric] = (["category", "method", *(f"k={k}" for k in ks), "all images"], body)
+    return tables
+
+
 def reference_cells(values: list[float] | None, published: float | None, metric: Metric) -> list[str]:
     """The paper's value and our difference in the table's unit (paper_results.yaml: shares in percent)."""
     if published is None:
@@ -198,8 +248,14 @@ def overview_tables(rows: list[dict]) -> dict[Metric, Table]:
 
 
 def summary_markdown(
-    rows: list[dict], tables: dict[Metric, Table], notes: Sequence[str], title: str = "Benchmark summary"
+    rows: list[dict],
+    tables: dict[Metric, Table],
+    notes: Sequence[str],
+    title: str = "Benchmark summary",
+    few_shot: dict[Metric, Table] | None = None,
 ) -> str:
+    """The runs' count, ``tables`` (one model per category, all training images) and the ``few_shot``
+    tables (:func:`few_shot_tables`), the failed runs and where the published numbers come from."""
     n_failed = sum(r["status"] != "ok" for r in rows)
     lines = [
         f"# {title}",
@@ -209,16 +265,26 @@ def summary_markdown(
     lines += [f"\n{note}" for note in notes] + [""]
     for metric, table in tables.items():
         lines += [f"## {heading(metric)}", "", *markdown_table(table), ""]
+    if few_shot:
+        lines += [FEW_SHOT_NOTE, ""]
+    for metric, table in (few_shot or {}).items():
+        lines += [f"## few-shot {heading(metric)}", "", *markdown_table(table), ""]
     if n_failed:
         lines += ["## Failed runs", ""]
         lines += [
-            f"- {method_label(r)} / {r['category']} (seed {r['seed']}): {one_line(r['error'])}"
+            f"- {method_label(r)} / {r['category']} (seed {r['seed']}{shots_label(r)}): "
+            f"{one_line(r['error'])}"
             for r in rows
             if r["status"] != "ok"
         ]
         lines.append("")
-    lines += reference_sources(rows)
+    lines += reference_sources(of_protocol(rows, PER_CATEGORY))  # the few-shot tables show none
     return "\n".join(lines) + "\n"
+
+
+def shots_label(row: dict) -> str:
+    """``, k=4 draw 1`` for a few-shot run, else nothing (run lists and captions)."""
+    return f", k={row['shots']} draw {row['shot_draw']}" if row.get("shots") is not None else ""
 
 
 def reference_sources(rows: list[dict]) -> list[str]:

@@ -165,14 +165,35 @@ def test_choose_source_takes_the_calibration_images_else_a_cross_fit_and_names_w
     assert choose_source("auto", origin, True, 20, 5) == CalibrationSource("calibration_images", origin)
     cross_fit = choose_source("auto", None, True, 3, 5)
     assert cross_fit.kind == "cross_fit" and "3 training images (3 folds)" in cross_fit.description
-    assert choose_source("auto", None, False, 20, 5) is None  # a trained method without any: no threshold
-    assert choose_source("none", origin, True, 20, 5) is None
+    none = choose_source("auto", None, False, 20, 5)  # a trained method without any: no threshold, and why
+    assert none.kind == "none" and "dataset.calibration_fraction > 0" in none.description
+    assert choose_source("none", origin, True, 20, 5) == CalibrationSource("none", "threshold.source=none")
     with pytest.raises(ConfigError, match=r"dataset\.calibration_dir"):
         choose_source("calibration_images", None, True, 20, 5)
     with pytest.raises(ConfigError, match="fit-once"):
         choose_source("cross_fit", origin, False, 20, 5)
     with pytest.raises(ConfigError, match="auto, calibration_images, cross_fit, none"):
         choose_source("validation", origin, True, 20, 5)
+    with pytest.raises(ConfigError, match="not with 1 training image"):
+        choose_source("cross_fit", None, True, 1, 5)
+
+
+def test_a_few_shot_run_cross_fits_only_when_k_reaches_the_folds_and_says_why_not():
+    """k < folds: each fold model would fit on too few of the k images to stand for the fitted one; the
+    un-drawn training images are never taken, the test set never."""
+    origin = "dataset.calibration_dir (/good)"
+    assert choose_source("auto", origin, True, 2, 5, few_shot=True).kind == "calibration_images"
+    assert choose_source("auto", None, True, 8, 5, few_shot=True).description.startswith(
+        "cross-fit over the 8"
+    )
+    for fits_once, k, augmented in ((True, 4, False), (True, 8, True), (False, 16, False)):
+        none = choose_source("auto", None, fits_once, k, 5, few_shot=True, augmented=augmented)
+        assert none.kind == "none" and f"besides its k={k}" in none.description
+        assert "dataset.shot_calibration=<n>" in none.description
+    assert "threshold.folds=5" in choose_source("auto", None, True, 4, 5, few_shot=True).description
+    assert choose_source("cross_fit", None, True, 2, 5, few_shot=True).kind == "cross_fit"  # asked for: done
+    with pytest.raises(ConfigError, match="shot_augment=true"):
+        choose_source("cross_fit", None, True, 8, 5, few_shot=True, augmented=True)
 
 
 def test_describe_states_the_guarantee_and_an_unmet_budget():

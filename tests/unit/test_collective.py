@@ -138,9 +138,10 @@ def test_state_checksums_tell_a_permutation_apart() -> None:
     assert not torch.equal(before[0], state_checksums(model)[1][0])
 
 
-def test_padim_refuses_a_single_training_image(tiny_backbone, smooth_images) -> None:
-    """Once a raw ``torch._C._LinAlgError`` from the Cholesky factorisation of a zero covariance."""
-    model = Padim(tiny_backbone(), n_features=10)
-    model.collect(smooth_images(1, seed=0))
-    with pytest.raises(DataError, match="at least 2 training images, got 1"):
+def test_padim_without_its_regulariser_refuses_too_few_images_for_a_covariance(tiny_backbone, smooth_images):
+    """Once a raw ``torch._C._LinAlgError`` from the Cholesky factorisation of a singular covariance."""
+    model = Padim(tiny_backbone(), n_features=10, covariance_epsilon=0.0)
+    assert model.minimum_training_images()[0] == 11
+    model.collect(smooth_images(10, seed=0))
+    with pytest.raises(DataError, match=r"at least 11 training images .* got 10"):
         model.fit()

@@ -80,6 +80,22 @@ def test_channel_selection_is_seeded_and_mahalanobis_matches_definition(smooth_i
     assert a.mahalanobis(x)[4, 1].item() == pytest.approx(expected.item(), rel=1e-4)
 
 
+def test_one_image_fits_with_the_regulariser_and_scores_the_euclidean_distance_over_sqrt_epsilon(
+    smooth_images, backbone
+):
+    """k = 1 (a one-shot run): the covariance of one image is 0, so with ε·I a position's Mahalanobis
+    distance is the Euclidean distance to that image's feature there, divided by √ε."""
+    model = Padim(backbone, n_features=10, covariance_epsilon=0.04)
+    assert model.minimum_training_images()[0] == 1
+    image = smooth_images(1, seed=0)
+    model.collect(image)
+    model.fit()
+    assert int(model.count) == 1 and torch.equal(model.covariance, torch.zeros_like(model.covariance))
+    x = model.embed(smooth_images(2, seed=9)).flatten(0, 1)  # [P, B, D]
+    expected = (x - model.embed(image).flatten(0, 1)).norm(dim=-1) / 0.2
+    torch.testing.assert_close(model.mahalanobis(x), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_anomalous_image_scores_higher_and_state_round_trips(smooth_images, backbone, tmp_path):
     model = Padim(backbone, n_features=20, seed=0)
     model.collect(smooth_images(16, seed=0))

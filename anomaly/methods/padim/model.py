@@ -134,15 +134,27 @@ class Padim(FitOnceModel):
     def fit(self, collective: Collective = LOCAL) -> None:
         """The statistics of everything collected, over all processes when several share the fit: each
         sums its own images, then one exact combination (the same model as one process, up to rounding).
-        A covariance needs two images: fewer over all processes is a DataError."""
+        Fewer images over all processes than :meth:`minimum_training_images` is a DataError."""
         statistics = combine_across_ranks(self._collected_statistics(minimum=1), collective)
-        if statistics.count < 2:
+        minimum, why = self.minimum_training_images()
+        if statistics.count < minimum:
             raise DataError(
-                f"PaDiM estimates a covariance per position and needs at least 2 training images, got "
-                f"{statistics.count}: add normal training images (dataset.n_train for generated data) or "
-                "lower dataset.calibration_fraction, which holds some of them out."
+                f"PaDiM needs at least {minimum} training images ({why}), got {statistics.count}: add normal "
+                "training images, or keep covariance_epsilon > 0 (the paper's 0.01)."
             )
         self._set_statistics(statistics)
+
+    def minimum_training_images(self) -> tuple[int, str]:
+        """One image with the ε·I regulariser: its covariance is then 0 + ε·I, and a position's distance the
+        Euclidean distance to that image's feature there, divided by √ε. Without it (ε = 0) the covariance
+        of n images has rank n − 1 and is invertible only with n > n_features."""
+        if self.covariance_epsilon > 0:
+            return 1, "a mean per position; the covariance of one image is covariance_epsilon·I"
+        dim = len(self.channel_index)
+        return (
+            dim + 1,
+            f"with covariance_epsilon=0 the covariance is invertible only over more than {dim} images",
+        )
 
     @torch.no_grad()
     def update(self, batches: Iterable[Tensor]) -> None:
@@ -175,7 +187,8 @@ class Padim(FitOnceModel):
         return statistics
 
     def _set_statistics(self, statistics: "Statistics") -> None:
-        covariance = statistics.scatter.div_(statistics.count - 1)  # in place: the statistics are spent
+        # in place: the statistics are spent; one image has a zero scatter, and covariance 0 (+ ε·I)
+        covariance = statistics.scatter.div_(max(statistics.count - 1, 1))
         self.count = torch.tensor(statistics.count, device=statistics.mean.device)
         self.mean = statistics.mean.float()
         self.covariance = covariance.float()
@@ -197,7 +210,7 @@ class Padim(FitOnceModel):
             height, width = embedding.shape[:2]
             fold_statistics = combine_across_ranks(embedding_statistics(embedding.flatten(0, 1)), collective)
             rest = subtract(total, fold_statistics)
-            covariance = rest.scatter.div_(rest.count - 1)
+            covariance = rest.scatter.div_(max(rest.count - 1, 1))
             covariance.diagonal(dim1=-2, dim2=-1).add_(self.covariance_epsilon)
             # Cholesky and a triangular solve: the same distances as through the inverse, at 1/2 the cost
             factor = torch.linalg.cholesky(covariance)  # [P, D, D]
@@ -255,7 +268,7 @@ class Statistics(NamedTuple):
 
     @property
     def covariance(self) -> Tensor:
-        return self.scatter / (self.count - 1)
+        return self.scatter / max(self.count - 1, 1)
 
 
 def embedding_statistics(x: Tensor) -> Statistics:
@@ -292,8 +305,8 @@ def combine_across_ranks(local: Statistics, collective: Collective) -> Statistic
 def subtract(total: Statistics, part: Statistics) -> Statistics:
     """The statistics of ``total``'s images without ``part``'s (the inverse of :func:`combine`)."""
     count = total.count - part.count
-    if count < 2:
-        raise RuntimeError(f"PaDiM needs at least 2 images left after removing {part.count} of {total.count}")
+    if count < 1:
+        raise RuntimeError(f"PaDiM needs at least 1 image left after removing {part.count} of {total.count}")
     mean = (total.mean * total.count - part.mean * part.count) / count
     delta = part.mean - mean
     scatter = (total.scatter - part.scatter).baddbmm_(
