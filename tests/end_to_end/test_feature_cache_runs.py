@@ -46,7 +46,9 @@ METHODS = {
     "padim": ["method=padim", "method.model.n_features=40"],
     "patchcore": ["method=patchcore"],
     "patchcore_cross_fit": [
-        "method=patchcore", "dataset.calibration_fraction=0", "threshold.source=cross_fit",
+        "method=patchcore",
+        "dataset.calibration_fraction=0",
+        "threshold.source=cross_fit",
         "threshold.folds=2",
     ],
     # 9 training images in batches of 3: every epoch computes its images in batches of the same size
