@@ -180,7 +180,8 @@ def fit_and_test(cfg: DictConfig, output_dir: Path, run_id: str) -> RunResult:
     tested = test(cfg, trainer, model, datamodule, calibration)
     score_unlabeled(trainer, model, datamodule, calibration, output_dir)
     test_seconds = time.perf_counter() - start
-    if (cache := resources.feature_cache) is not None:
+    cache = resources.feature_cache
+    if cache is not None:
         log.info("Feature cache %s: %d images read, %d computed by the backbone.", cache.store.root,
                  cache.read, cache.computed)  # fmt: skip
     timings = {

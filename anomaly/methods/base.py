@@ -44,8 +44,9 @@ class AnomalyOutput(NamedTuple):
 
 @dataclass(frozen=True)
 class RunResources:
-    """What the machine that fits or scores a model lends it: where it has room, never part of the model or
-    its file. Every command hands its models one (:meth:`AnomalyModel.use_resources`); the default is none.
+    """What the machine that fits or updates a model lends it: where it has room, never part of the model or
+    its file. ``anomaly-train`` and ``anomaly-update`` hand their models one
+    (:meth:`AnomalyModel.use_resources`); a model given none uses none (``anomaly-predict``, export).
     """
 
     spill_dir: str | None = None  # PatchCore's collected patches wait here for the coreset; None: $TMPDIR
