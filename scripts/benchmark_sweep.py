@@ -108,8 +108,14 @@ def sweep_figures(args: argparse.Namespace, out: Path) -> None:
         print(f"cache: {len(files)} images, {size / 1e6:.1f} MB, {size / len(files) / 1e6:.3f} MB per image")
     if not args.skip_uncached_sweep:
         runs_uncached = records(out / "uncached")
-        same = [quality(a) == quality(b) for a, b in zip(runs_uncached, runs_cached, strict=True)]
+        pairs = list(zip(runs_uncached, runs_cached, strict=True))
+        same = [quality(a) == quality(b) for a, b in pairs]
         print(f"metrics of the cached sweep equal the uncached sweep's, run by run: {all(same)} ({same})")
+        gaps = [(abs(value - quality(b)[key]) / max(abs(value), 1e-12), key, run)
+                for run, (a, b) in enumerate(pairs) for key, value in quality(a).items()]  # fmt: skip
+        gap, key, run = max(gaps)
+        print(f"largest relative difference: {gap:.2g} ({key}, run {run}; features that another batch "
+              "computed round differently: docs/performance.md, Feature cache)")  # fmt: skip
 
 
 def simplenet_figures(args: argparse.Namespace, out: Path) -> None:
