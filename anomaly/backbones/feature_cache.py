@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 SUFFIX = ".safetensors"
 CHANNELS_LAST = "channels_last"  # metadata key: the layers whose batch came channels-last (layout kept)
 EVICT_TO = 0.9  # an over-full cache is trimmed to this share of its cap
-LOCK, SIZE = ".lock", ".size"  # in the cache folder: the lock that guards SIZE, the bytes of all its files
+SIZE = ".size"  # in the cache folder: the bytes of all its files, one count every writer keeps (and locks)
+SIZE_DIGITS = 20  # the count is rewritten in place at this width (a truncated file costs ext4 a flush)
 
 
 class FrozenNetwork(nn.Module):
@@ -123,11 +124,11 @@ class FeatureStore:
     """Cache files under ``root`` (``<key[:2]>/<key>.safetensors``), at most ``max_bytes`` in all.
 
     Several processes (a sweep's parallel jobs, DDP ranks) may write one folder. The bytes of all its files
-    are one count in ``root/.size`` that each write adds to under an exclusive lock on ``root/.lock`` (a few
-    bytes read and written: the write itself stays the cost); when the count passes the cap, the writer
-    evicts, still under the lock, from the folder's real size and stores that. So the cap holds for all
-    processes together, up to the files being written at that moment; a count that is missing or
-    unreadable is taken from the folder again.
+    are one count in ``root/.size`` that each write adds to while it holds an exclusive ``flock`` on that
+    file (21 bytes read and rewritten in place: ~20 us; the file write itself stays the cost); when the
+    count passes the cap, the writer evicts, still under the lock, from the folder's real size and stores
+    that. So the cap holds for all processes together, up to the files being written at that moment; a
+    count that is missing or unreadable is taken from the folder again.
     """
 
     def __init__(self, root: Path | str, max_bytes: int) -> None:
@@ -178,29 +179,22 @@ class FeatureStore:
 
     def _count(self, added: int) -> None:
         """Adds ``added`` bytes to the count all writers share; past the cap, evicts (under the lock)."""
-        with self._locked():
-            counted = self._counted()
+        with self._locked() as descriptor:
+            counted = _read_count(descriptor)
             total = self.size() if counted is None else counted + added  # (a new count includes the file)
             if total > self.max_bytes:
                 total = self.evict(int(self.max_bytes * EVICT_TO))
-            (self.root / SIZE).write_text(str(total))
+            os.pwrite(descriptor, f"{total:0{SIZE_DIGITS}d}\n".encode(), 0)
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """The folder's lock, held by one process at a time (released when the process ends)."""
-        descriptor = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    def _locked(self) -> Iterator[int]:
+        """The count file, open and locked by this process alone (the lock goes with the process)."""
+        descriptor = os.open(self.root / SIZE, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX)
-            yield
+            yield descriptor
         finally:
             os.close(descriptor)
-
-    def _counted(self) -> int | None:
-        """The shared count of bytes; None when there is none yet or it is damaged."""
-        try:
-            return int((self.root / SIZE).read_text())
-        except (OSError, ValueError):
-            return None
 
     def layers(self, key: str) -> set[str]:
         """The layers the file of ``key`` holds (none when there is no readable file)."""
@@ -347,6 +341,14 @@ class FeatureCache:
             tensors = {layer: f[index].detach().cpu().contiguous() for layer, f in features.items()}
             if all(bool(torch.isfinite(tensor).all()) for tensor in tensors.values()):
                 self.store.write(key, tensors, {CHANNELS_LAST: layout})
+
+
+def _read_count(descriptor: int) -> int | None:
+    """The shared count of bytes in the open count file; None when it is new or damaged."""
+    try:
+        return int(os.pread(descriptor, SIZE_DIGITS + 1, 0))
+    except ValueError:
+        return None
 
 
 def _problem(tensors: dict[str, Tensor], shapes: dict[str, torch.Size]) -> str | None:
