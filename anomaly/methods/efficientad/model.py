@@ -103,7 +103,7 @@ class Teacher(FrozenNetwork):
         x = (images - self.mean) / self.std
         for layer in self.children():
             x = layer(x)
-        return {"output": x}
+        return {"output": x.float()}  # float32 as every frozen network's (a no-op outside autocast)
 
 
 class AutoEncoder(nn.Module):
