@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger  # ours (configs/logger/wandb.yaml) is one too
 
 from anomaly import distributed
-from anomaly.backbones.feature_cache import FeatureCache, FeatureStore, use_cache
+from anomaly.backbones.feature_cache import FeatureCache
 from anomaly.calibration import Calibration, CalibrationSource, check_budgets, choose_source, fit_calibration
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.preprocessing import Preprocessing
@@ -37,13 +37,13 @@ from anomaly.errors import ConfigError
 from anomaly.methods.base import (
     AnomalyModel,
     FitOnceModel,
+    RunResources,
     TrainedModel,
     images_on,
     non_finite_error,
     score_batches,
 )
 from anomaly.methods.lightning import AnomalyModule, DDPStrategy, ScoringModule, TestResult, collective_of
-from anomaly.methods.patchcore.model import PatchCore
 from anomaly.methods.tiling import Tiling, tile_model
 from anomaly.metrics import Evaluator
 from anomaly.model_io import MODEL_FILE_NAME, read_calibration, save_model
@@ -143,8 +143,8 @@ def fit_and_test(cfg: DictConfig, output_dir: Path, run_id: str) -> RunResult:
         cfg.dataset, train_in_order=fits_once, normalization_share=normalization_share
     )
     tiling = tiling_of(cfg, datamodule.preprocessing)
-    cache = feature_cache_of(cfg)
-    model = build_model(cfg, tiling, cache)
+    resources = resources_of(cfg)
+    model = build_model(cfg, tiling, resources)
     module: AnomalyModule = instantiate(cfg.method.module, model=model)
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values()]
     trainer = build_trainer(cfg, loggers)
@@ -178,7 +178,7 @@ def fit_and_test(cfg: DictConfig, output_dir: Path, run_id: str) -> RunResult:
     trainer.fit(module, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    calibration = calibrate(cfg, source, trainer, model, datamodule, tiling, cache)
+    calibration = calibrate(cfg, source, trainer, model, datamodule, tiling, resources)
     calibration_seconds = time.perf_counter() - start
     writes = distributed.is_launching_process()  # every rank holds the same model (the glue checks)
     model_path = output_dir / MODEL_FILE_NAME if writes else None
@@ -191,6 +191,7 @@ def fit_and_test(cfg: DictConfig, output_dir: Path, run_id: str) -> RunResult:
     tested = test(cfg, trainer, model, datamodule, calibration)
     score_unlabeled(trainer, model, datamodule, calibration, output_dir)
     test_seconds = time.perf_counter() - start
+    cache = resources.feature_cache
     if cache is not None:
         log.info("Feature cache %s: %d images read, %d computed by the backbone.", cache.store.root,
                  cache.read, cache.computed)  # fmt: skip
@@ -278,30 +279,20 @@ def build_trainer(cfg: DictConfig, loggers: list[Logger]) -> pl.Trainer:
     return instantiate(cfg.trainer, logger=loggers or False)
 
 
-def build_model(cfg: DictConfig, tiling: Tiling | None, cache: FeatureCache | None = None) -> AnomalyModel:
-    """The method's model (with its backbone, where it uses one, reading and writing ``cache``); fitted and
-    scored tile by tile with a tiling. PatchCore spills its patches into ``paths.spill_dir`` (a run setting,
-    not saved with it)."""
-
-    def build() -> AnomalyModel:
-        model = instantiate(cfg.method.model)
-        use_cache(model, cache)
-        if isinstance(model, PatchCore):
-            model.spill_dir = cfg.paths.get("spill_dir")
-        return model
-
-    return build() if tiling is None else tile_model(build, tiling)
+def build_model(cfg: DictConfig, tiling: Tiling | None, resources: RunResources) -> AnomalyModel:
+    """The method's model, fitted and scored tile by tile with a tiling, using the run's ``resources``
+    (its spill folder and feature cache: run settings, not saved with it)."""
+    build = partial(instantiate, cfg.method.model)
+    model = build() if tiling is None else tile_model(build, tiling)
+    model.use_resources(resources)
+    return model
 
 
-def feature_cache_of(cfg: DictConfig) -> FeatureCache | None:
-    """The backbone feature cache in ``paths.cache_dir`` (``cache=true``), capped at ``cache_max_gb``."""
-    if not cfg.get("cache", False):
-        return None
-    max_gb = cfg.get("cache_max_gb", 20)
-    if not isinstance(max_gb, int | float) or isinstance(max_gb, bool) or not max_gb > 0:
-        raise ConfigError(f"cache_max_gb must be a positive number of gigabytes, got {max_gb!r} "
-                          "(cache=false turns the cache off)")  # fmt: skip
-    return FeatureCache(FeatureStore(cfg.paths.cache_dir, int(max_gb * 1e9)))
+def resources_of(cfg: DictConfig) -> RunResources:
+    """The run's spill folder (``paths.spill_dir``) and its feature cache in ``paths.cache_dir``
+    (``cache=true``), capped at ``cache_max_gb``."""
+    cache = FeatureCache.open(cfg.paths.cache_dir, cfg.get("cache_max_gb", 20)) if cfg.get("cache") else None
+    return RunResources(cfg.paths.get("spill_dir"), cache)
 
 
 def tiling_of(cfg: DictConfig, preprocessing: Preprocessing) -> Tiling | None:
@@ -325,7 +316,7 @@ def calibrate(
     model: AnomalyModel,
     datamodule: AnomalyDataModule,
     tiling: Tiling | None,
-    cache: FeatureCache | None = None,
+    resources: RunResources,
 ) -> Calibration | None:
     """The decision thresholds, from the normal images ``source`` names (never the test set). On several
     processes each scores its share of the images and the scores are gathered in data-set order: every
@@ -340,7 +331,7 @@ def calibrate(
                  "(dataset.calibration_dir=<good images> is exact and cheaper).", count)  # fmt: skip
         folds = [partial(images_on, loader, device) for loader in datamodule.fold_dataloaders(count)]
         with torch.no_grad():
-            new_model = lambda: build_model(cfg, tiling, cache).to(device)  # noqa: E731
+            new_model = lambda: build_model(cfg, tiling, resources).to(device)  # noqa: E731
             scores, maxima = model.to(device).cross_fit_scores(folds, new_model, collective)
     else:
         outputs = trainer.predict(ScoringModule(model), dataloaders=datamodule.calibration_dataloader())

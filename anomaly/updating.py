@@ -6,6 +6,9 @@ again on the old calibration scores plus the new images' scores under the old mo
 them: normal scores the model did not fit on, as calibration needs (for the updated model, which knows
 more good parts, they are if anything high: the thresholds err towards fewer false alarms). The result
 is a new model file next to the old one, never over it, with the lineage recorded in it.
+
+The new images pass the frozen backbone twice, scored under the old model and then learnt; with a feature
+cache (the run's resources) the second pass reads what the first computed, bit for bit the same features.
 """
 
 import hashlib
@@ -28,7 +31,7 @@ from anomaly.data.samples import (
     no_images_error,
 )
 from anomaly.errors import ConfigError, DataError
-from anomaly.methods.base import FitOnceModel, images_on, score_batches
+from anomaly.methods.base import FitOnceModel, RunResources, images_on, score_batches
 from anomaly.model_io import find_model_file, load_model, save_model
 
 log = logging.getLogger(__name__)
@@ -51,11 +54,13 @@ def update_model(
     batch_size: int,
     num_workers: int,
     device: torch.device,
+    resources: RunResources,
     backbone_weights_path: str | None = None,
 ) -> UpdateResult:
     """Adds the good images under ``images`` (searched recursively) to the fitted PaDiM or PatchCore
     ``model`` (a run dir or its model file) and writes the result to ``output`` (default:
-    ``<model>.updated-<time>.safetensors`` beside it), never over an existing file.
+    ``<model>.updated-<time>.safetensors`` beside it), never over an existing file. ``resources``: this
+    machine's spill folder and feature cache (``RunResources()``: none).
     ``backbone_weights_path``: this machine's file of the pretrained backbone's weights (see
     :func:`~anomaly.model_io.load_model`)."""
     model_file = find_model_file(model)
@@ -64,6 +69,7 @@ def update_model(
         raise ConfigError(
             f"{loaded.method} is trained by gradient steps: it learns new good parts by training again"
         )
+    loaded.model.use_resources(resources)
     output = Path(output) if output else model_file.with_name(
         f"{model_file.stem}.updated-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
     )  # fmt: skip

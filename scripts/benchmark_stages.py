@@ -54,7 +54,7 @@ from anomaly.backbones import FeatureExtractor
 from anomaly.cli.runtime import prepare_process
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.experiment import build_model, check_settings, lightning_notes_silenced, peak_rss_mb, tiling_of
-from anomaly.methods.base import FitOnceModel, TrainedModel
+from anomaly.methods.base import FitOnceModel, RunResources, TrainedModel
 from anomaly.methods.patchcore.model import PatchCore
 from anomaly.metrics import Evaluator
 
@@ -112,7 +112,7 @@ def time_stages(cfg) -> dict[str, float]:
         test_batches = [
             {**batch, "image": batch["image"].to(device)} for batch in datamodule.test_dataloader()
         ]
-    model = build_model(cfg, tiling_of(cfg, datamodule.preprocessing)).to(device).eval()
+    model = build_model(cfg, tiling_of(cfg, datamodule.preprocessing), uncached(cfg)).to(device).eval()
     all_images = [*train_batches, *(batch["image"] for batch in test_batches)]
     backbone = next(module for module in model.modules() if isinstance(module, FeatureExtractor))
     with torch.inference_mode(), watch("backbone"):
@@ -187,13 +187,18 @@ def median_ms(seconds: list[float]) -> float:
     return round(1000 * statistics.median(seconds), 2)
 
 
+def uncached(cfg: DictConfig) -> RunResources:
+    """The run's spill folder and no feature cache: the stages are timed as computed."""
+    return RunResources(spill_dir=cfg.paths.get("spill_dir"))
+
+
 def time_trained_stages(cfg, train_steps: int, warmup: int) -> dict[str, float]:
     """Training step time, then batch-1 latency and batched throughput of the briefly trained model."""
     check_settings(cfg)
     pl.seed_everything(cfg.seed)
     datamodule = datamodule_of(cfg)
     datamodule.setup()  # every file listed and checked before any work, as a run does
-    model = build_model(cfg, tiling_of(cfg, datamodule.preprocessing))
+    model = build_model(cfg, tiling_of(cfg, datamodule.preprocessing), uncached(cfg))
     module = instantiate(cfg.method.module, model=model)
     steps = warmup + train_steps
     timer = StepTimer(steps)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 import anomaly
 from anomaly.backbones import FeatureExtractor
+from anomaly.backbones.feature_cache import FrozenNetwork
 from anomaly.calibration import fit_calibration
 from anomaly.data.preprocessing import Preprocessing
 from anomaly.methods.padim.model import Padim
@@ -26,7 +27,7 @@ IMAGE_SIZE = 64  # side of the smooth test images
 SQUARE = (slice(20, 40), slice(24, 44))  # rows, columns of the pasted defect
 
 
-class TinyBackbone(nn.Module):
+class TinyBackbone(FrozenNetwork):
     """Three frozen random conv stages at strides 4/8/16 (8/12/16 channels); ``layers`` picks outputs."""
 
     STRIDES, CHANNELS = {"stage1": 4, "stage2": 8, "stage3": 16}, {"stage1": 8, "stage2": 12, "stage3": 16}
@@ -42,7 +43,7 @@ class TinyBackbone(nn.Module):
         self.strides = [self.STRIDES[layer] for layer in self.layers]
         self.requires_grad_(False)
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
+    def compute(self, images: Tensor) -> dict[str, Tensor]:
         f1 = self.stage1(images)
         f2 = self.stage2(f1)
         outputs = {"stage1": f1, "stage2": f2, "stage3": self.stage3(f2)}

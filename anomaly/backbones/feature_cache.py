@@ -1,11 +1,13 @@
-"""Content-addressed cache of the frozen backbone's features, shared by the runs of a sweep and by epochs.
+"""Content-addressed cache of frozen networks' outputs, shared by the runs of a sweep and by epochs.
 
-The features of an image depend only on the preprocessed image tensor and the backbone (its name, the
-weights of its graph up to the deepest layer asked for, BatchNorm folding and precision), the device type
-and torch's version. The key hashes exactly these (:func:`backbone_fingerprint`, :func:`image_key`): a
-file's path or time never matters, and any change of preprocessing (size, crop, tiling) is another tensor
-and so another key. A value is one image's maps ``{layer: [C, h, w]}`` in a safetensors file (data, never
-code), as its batch computed them. The file names its layers, so one that holds more layers serves a
+A :class:`FrozenNetwork` (the methods' pretrained backbone, :class:`~anomaly.backbones.FeatureExtractor`;
+EfficientAD's distilled teacher) never changes its weights in a run, so its output for an image depends only
+on the preprocessed image tensor and the network (its class, its weights, e.g. a backbone's graph up to the
+deepest layer asked for after BatchNorm folding, and its precision), the device type and torch's version.
+The key hashes exactly these (:func:`network_fingerprint`, :func:`image_key`): a file's path or time never
+matters, and any change of preprocessing (size, crop, tiling) is another tensor and so another key. A value
+is one image's maps ``{layer: [C, h, w]}`` in a safetensors file (data, never code), as its batch computed
+them. The file names its layers, so one that holds more layers serves a
 request for fewer of the same graph (PaDiM's layer1-3 serve PatchCore's layer2+3, bit for bit: one backbone
 pass for both); one that lacks a layer asked for is a miss, and the batch that computes it rewrites it.
 
@@ -14,13 +16,18 @@ computed, as without a cache (so a cold run equals an uncached one bit for bit),
 are stored. Writes go to a temporary file renamed into place: a reader never sees a partial file, and two
 writers of one key each rename a whole file. A damaged file (unreadable, wrong layers or shape,
 non-finite) is logged with its name, deleted and recomputed. A disk that refuses a write turns the cache
-off with one warning. The size cap evicts the least recently used files (a read touches its mtime).
+off with one warning. The size cap evicts the least recently used files (a read touches its mtime); the
+size is one count that every process writing the folder keeps (:meth:`FeatureStore.write`), so the cap
+holds for a sweep's parallel jobs and DDP ranks together.
 """
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import uuid4
@@ -30,23 +37,71 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from anomaly.backbones.feature_extractor import FeatureExtractor
+from anomaly.errors import ConfigError
 
 log = logging.getLogger(__name__)
 SUFFIX = ".safetensors"
 CHANNELS_LAST = "channels_last"  # metadata key: the layers whose batch came channels-last (layout kept)
 EVICT_TO = 0.9  # an over-full cache is trimmed to this share of its cap
+SIZE = ".size"  # in the cache folder: the bytes of all its files, one count every writer keeps (and locks)
+SIZE_DIGITS = 20  # the count is rewritten in place at this width (a truncated file costs ext4 a flush)
 
 
-def backbone_fingerprint(extractor: FeatureExtractor, device_type: str) -> str:
-    """sha256 of what the features depend on besides the image: class, name, precision, every weight of the
-    graph (which ends at the deepest layer; after BatchNorm folding), the normalisation, the device type
-    and torch's version. Not the layers: each file names its own (:class:`FeatureCache`)."""
+class FrozenNetwork(nn.Module):
+    """A network that stays as it is in a run (eval mode, no gradient steps): the feature cache may hold
+    its outputs.
+
+    ``images [B, 3, H, W]`` in [0, 1] → ``{layer: [B, C, h, w]}`` (float32, ``layers`` in order). ``forward``
+    reads them from the cache that :func:`use_cache` set (None: none) or computes them; :meth:`compute` is
+    the uncached entry point, which always runs the network: for inputs seen once (augmented images) and
+    for probes that must see its convolutions run (:class:`~anomaly.backbones.geometry.GridGeometry`).
+    A subclass sets ``layers`` and implements :meth:`compute`, and :meth:`description` where more than its
+    weights and class decide its outputs.
+    """
+
+    layers: list[str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache: FeatureCache | None = None  # not in the state dict: a run's resource
+        self._shapes: dict[tuple[int, int], dict[str, torch.Size]] = {}
+
+    def train(self, mode: bool = True) -> "FrozenNetwork":
+        """Stays in eval: BatchNorm statistics belong to the pretrained weights; Lightning calls train()."""
+        return super().train(False)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return self.compute(images) if self.cache is None else self.cache.features(self, images)
+
+    def compute(self, images: Tensor) -> dict[str, Tensor]:
+        """The network's outputs of ``images`` (see :class:`FrozenNetwork`), never from the cache."""
+        raise NotImplementedError
+
+    def description(self) -> tuple:
+        """Plain values besides the class and the weights that decide the outputs (e.g. a precision)."""
+        return ()
+
+    def output_shapes(self, image_size: tuple[int, int]) -> dict[str, torch.Size]:
+        """``{layer: [C, h, w]}`` of one image of ``image_size``: from one zero image through
+        :meth:`compute`, once per size (what a cache file must hold)."""
+        if image_size not in self._shapes:
+            parameter = next(self.parameters(), None)
+            device = parameter.device if parameter is not None else torch.device("cpu")
+            with torch.no_grad():
+                outputs = self.compute(torch.zeros(1, 3, *image_size, device=device))
+            self._shapes[image_size] = {layer: output.shape[1:] for layer, output in outputs.items()}
+        return self._shapes[image_size]
+
+
+def network_fingerprint(network: FrozenNetwork, device_type: str) -> str:
+    """sha256 of what the outputs depend on besides the image: the class, its :meth:`description`, every
+    parameter and buffer (a backbone's graph ends at its deepest layer; after BatchNorm folding; its
+    normalisation), the device type and torch's version. Not the layers: each file names its own
+    (:class:`FeatureCache`)."""
     digest = hashlib.sha256()
-    described = (type(extractor).__qualname__, extractor.name, extractor.precision, device_type,
-                 torch.__version__)  # fmt: skip
+    described = (type(network).__qualname__, network.description(), device_type, torch.__version__)
     digest.update(repr(described).encode())
-    tensors = {**extractor.state_dict(), "mean": extractor.mean, "std": extractor.std}
+    tensors = {**dict(network.named_parameters()), **dict(network.named_buffers())}
     for name, tensor in sorted(tensors.items()):
         digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
         digest.update(_bytes(tensor))
@@ -54,7 +109,7 @@ def backbone_fingerprint(extractor: FeatureExtractor, device_type: str) -> str:
 
 
 def image_key(fingerprint: str, image: Tensor) -> str:
-    """The cache key of one preprocessed image ``[3, H, W]`` for the backbone ``fingerprint`` names."""
+    """The cache key of one preprocessed image ``[3, H, W]`` for the network ``fingerprint`` names."""
     digest = hashlib.sha256(fingerprint.encode())
     digest.update(f"{image.dtype}:{list(image.shape)}".encode())
     digest.update(_bytes(image))
@@ -66,13 +121,20 @@ def _bytes(tensor: Tensor) -> memoryview:
 
 
 class FeatureStore:
-    """Cache files under ``root`` (``<key[:2]>/<key>.safetensors``), at most ``max_bytes`` in all."""
+    """Cache files under ``root`` (``<key[:2]>/<key>.safetensors``), at most ``max_bytes`` in all.
+
+    Several processes (a sweep's parallel jobs, DDP ranks) may write one folder. The bytes of all its files
+    are one count in ``root/.size`` that each write adds to while it holds an exclusive ``flock`` on that
+    file (21 bytes read and rewritten in place: ~20 us; the file write itself stays the cost); when the
+    count passes the cap, the writer evicts, still under the lock, from the folder's real size and stores
+    that. So the cap holds for all processes together, up to the files being written at that moment; a
+    count that is missing or unreadable is taken from the folder again.
+    """
 
     def __init__(self, root: Path | str, max_bytes: int) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.writable = True  # until a write fails: then one warning and no more writes
-        self._size: int | None = None  # bytes in the cache as this process last counted them
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}{SUFFIX}"
@@ -94,28 +156,45 @@ class FeatureStore:
         return tensors, metadata
 
     def write(self, key: str, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-        """Stores ``tensors`` under ``key`` atomically; a refused write turns the store off, warning once."""
+        """Stores ``tensors`` under ``key`` atomically and counts them against the cap; a refused write
+        turns the store off, warning once."""
         if not self.writable:
             return
         path = self.path(key)
         temporary = path.with_name(f".{key}.{uuid4().hex}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            replaced = path.stat().st_size if path.is_file() else 0  # a rewrite with more layers
             try:
                 save_file(tensors, temporary, metadata)
                 os.replace(temporary, path)
             finally:
                 temporary.unlink(missing_ok=True)
-            added = path.stat().st_size
+            self._count(path.stat().st_size - replaced)
         except Exception as error:  # read-only or full disk (safetensors wraps some OSErrors)
             self.writable = False
             log.warning("Feature cache: cannot write to %s (%s): no cache for the rest of this run (same "
                         "results, computed each time). Free space or set paths.cache_dir, or cache=false.",
                         self.root, error)  # fmt: skip
-            return
-        self._size = (self.size() if self._size is None else self._size) + added
-        if self._size > self.max_bytes:
-            self._size = self.evict(int(self.max_bytes * EVICT_TO))
+
+    def _count(self, added: int) -> None:
+        """Adds ``added`` bytes to the count all writers share; past the cap, evicts (under the lock)."""
+        with self._locked() as descriptor:
+            counted = _read_count(descriptor)
+            total = self.size() if counted is None else counted + added  # (a new count includes the file)
+            if total > self.max_bytes:
+                total = self.evict(int(self.max_bytes * EVICT_TO))
+            os.pwrite(descriptor, f"{total:0{SIZE_DIGITS}d}\n".encode(), 0)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[int]:
+        """The count file, open and locked by this process alone (the lock goes with the process)."""
+        descriptor = os.open(self.root / SIZE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield descriptor
+        finally:
+            os.close(descriptor)
 
     def layers(self, key: str) -> set[str]:
         """The layers the file of ``key`` holds (none when there is no readable file)."""
@@ -126,7 +205,8 @@ class FeatureStore:
             return set()
 
     def discard(self, key: str, problem: str) -> None:
-        """Deletes the damaged file of ``key``, saying which file and why."""
+        """Deletes the damaged file of ``key``, saying which file and why (the shared count keeps its bytes
+        until the next eviction counts the folder: the cap errs towards evicting early)."""
         path = self.path(key)
         log.warning("Feature cache: %s is %s; deleted, its features are recomputed.", path, problem)
         with contextlib.suppress(OSError):
@@ -141,7 +221,7 @@ class FeatureStore:
         return found
 
     def size(self) -> int:
-        """Bytes of all cache files."""
+        """Bytes of all cache files, counted in the folder."""
         return sum(stat.st_size for _, stat in self.files())
 
     def evict(self, target: int) -> int:
@@ -164,6 +244,7 @@ class FeatureStore:
                 path.unlink()
             except FileNotFoundError:
                 pass
+        (self.root / SIZE).unlink(missing_ok=True)  # the next write counts the folder
         return freed
 
 
@@ -171,17 +252,26 @@ class FeatureStore:
 class FeatureCache:
     """The cache one run uses: a :class:`FeatureStore` and how many images it read and computed.
 
-    Set as ``extractor.cache`` on every :class:`~anomaly.backbones.FeatureExtractor` of a model
-    (:func:`use_cache`); the extractor's ``forward`` then goes through :meth:`features`. Copies of a
-    model share it (``__deepcopy__``): one run, one count.
+    Set as ``network.cache`` on every :class:`FrozenNetwork` of a model (:func:`use_cache`); the network's
+    ``forward`` then goes through :meth:`features`. Copies of a model share it (``__deepcopy__``): one run,
+    one count.
     """
 
     store: FeatureStore
     read: int = 0  # images whose features came from the cache
-    computed: int = 0  # images whose features the backbone computed
+    computed: int = 0  # images whose features the network computed
 
     def __post_init__(self) -> None:
-        self._fingerprints: dict[tuple[int, str], str] = {}
+        # per network (weakly held: a fold's model that is gone frees its slot) and device type
+        self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def open(cls, root: Path | str, max_gb: object) -> "FeatureCache":
+        """The cache in ``root`` capped at ``max_gb`` gigabytes (checked: a positive number)."""
+        if not isinstance(max_gb, int | float) or isinstance(max_gb, bool) or not max_gb > 0:
+            raise ConfigError(f"cache_max_gb must be a positive number of gigabytes, got {max_gb!r} "
+                              "(cache=false turns the cache off)")  # fmt: skip
+        return cls(FeatureStore(root, int(max_gb * 1e9)))
 
     def __deepcopy__(self, memo: dict) -> "FeatureCache":
         return self
@@ -189,31 +279,32 @@ class FeatureCache:
     def counts(self) -> dict[str, int]:
         return {"images_read": self.read, "images_computed": self.computed}
 
-    def features(self, extractor: FeatureExtractor, images: Tensor) -> dict[str, Tensor]:
-        """``extractor.compute(images)`` ``{layer: [B, C, h, w]}``, read from the cache when every image of
+    def features(self, network: FrozenNetwork, images: Tensor) -> dict[str, Tensor]:
+        """``network.compute(images)`` ``{layer: [B, C, h, w]}``, read from the cache when every image of
         the batch is there, else computed and the missing images stored."""
         if images.requires_grad:  # a gradient through the input (never in the methods): no cache
-            return extractor.compute(images)
-        fingerprint = self._fingerprint(extractor, images.device.type)
+            return network.compute(images)
+        fingerprint = self._fingerprint(network, images.device.type)
         keys = [image_key(fingerprint, image) for image in images]
-        cached = self._read_all(extractor, keys, tuple(images.shape[-2:]))
+        cached = self._read_all(network, keys, tuple(images.shape[-2:]))
         if cached is not None:
             self.read += len(keys)
             return {layer: tensor.to(images.device) for layer, tensor in cached.items()}
-        features = extractor.compute(images)
+        features = network.compute(images)
         self.computed += len(keys)
         self._store(keys, features)
         return features
 
-    def _fingerprint(self, extractor: FeatureExtractor, device_type: str) -> str:
-        """Computed once per extractor and device type (hashing WideResNet50's weights takes ~0.5 s)."""
-        slot = (id(extractor), device_type)
-        if slot not in self._fingerprints:
-            self._fingerprints[slot] = backbone_fingerprint(extractor, device_type)
-        return self._fingerprints[slot]
+    def _fingerprint(self, network: FrozenNetwork, device_type: str) -> str:
+        """Computed once per network and device type (hashing WideResNet50's weights takes ~0.5 s); a
+        frozen network's weights do not change after its first use."""
+        known = self._fingerprints.setdefault(network, {})
+        if device_type not in known:
+            known[device_type] = network_fingerprint(network, device_type)
+        return known[device_type]
 
     def _read_all(
-        self, extractor: FeatureExtractor, keys: list[str], size: tuple[int, int]
+        self, network: FrozenNetwork, keys: list[str], size: tuple[int, int]
     ) -> dict[str, Tensor] | None:
         """The batch's features from the cache, in the layout they were computed in; None at the first
         image that is missing or damaged (the whole batch is then computed)."""
@@ -223,15 +314,15 @@ class FeatureCache:
             if entry is None:
                 return None
             tensors, metadata = entry
-            if not set(extractor.layers) <= set(tensors):  # another extractor's layers: computed, rewritten
+            if not set(network.layers) <= set(tensors):  # another network's layers: computed, rewritten
                 return None
-            if problem := _problem(tensors, extractor, size, per_image[0] if per_image else None):
+            if problem := _problem(tensors, network.output_shapes(size)):
                 self.store.discard(key, problem)
                 return None
             per_image.append(tensors)
             channels_last = set(filter(None, metadata.get(CHANNELS_LAST, "").split(",")))
         batch = {}
-        for layer in extractor.layers:
+        for layer in network.layers:
             stacked = torch.stack([tensors[layer] for tensors in per_image])
             layout = torch.channels_last if layer in channels_last else torch.contiguous_format
             batch[layer] = stacked.contiguous(memory_format=layout)
@@ -252,28 +343,28 @@ class FeatureCache:
                 self.store.write(key, tensors, {CHANNELS_LAST: layout})
 
 
-def _problem(
-    tensors: dict[str, Tensor],
-    extractor: FeatureExtractor,
-    size: tuple[int, int],
-    first: dict[str, Tensor] | None,
-) -> str | None:
-    """What is wrong with a cache file's tensors for this extractor and input size; None if nothing."""
-    for layer, channels, stride in zip(extractor.layers, extractor.channels, extractor.strides, strict=True):
+def _read_count(descriptor: int) -> int | None:
+    """The shared count of bytes in the open count file; None when it is new or damaged."""
+    try:
+        return int(os.pread(descriptor, SIZE_DIGITS + 1, 0))
+    except ValueError:
+        return None
+
+
+def _problem(tensors: dict[str, Tensor], shapes: dict[str, torch.Size]) -> str | None:
+    """What is wrong with a cache file's tensors, given the network's ``{layer: [C, h, w]}`` at this input
+    size; None if nothing."""
+    for layer, shape in shapes.items():
         tensor = tensors[layer]
-        grid = tensor.shape[1:] if tensor.dim() == 3 else (-stride, -stride)  # a wrong rank: no grid
-        grid_ok = all(abs(n - side / stride) < 1 for n, side in zip(grid, size, strict=True))
-        if tensor.dtype != torch.float32 or tensor.shape[0] != channels or not grid_ok:
+        if tensor.dtype != torch.float32 or tensor.shape != shape:
             return f"of the wrong shape or type ({layer}: {tensor.dtype} {list(tensor.shape)})"
-        if first is not None and tensor.shape != first[layer].shape:
-            return f"of another shape than the batch's other images ({layer}: {list(tensor.shape)})"
         if not bool(torch.isfinite(tensor).all()):
             return f"non-finite ({layer} holds NaN or infinity)"
     return None
 
 
 def use_cache(model: nn.Module, cache: FeatureCache | None) -> None:
-    """Every frozen feature extractor of ``model`` reads and writes ``cache`` (None: none)."""
+    """Every frozen network of ``model`` reads and writes ``cache`` (None: none)."""
     for module in model.modules():
-        if isinstance(module, FeatureExtractor):
+        if isinstance(module, FrozenNetwork):
             module.cache = cache

@@ -7,7 +7,6 @@ which knows timm's "SAME"-padding modules), so the extracted graph stops at the 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
 import timm.models
 import torch
@@ -17,11 +16,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import feature_extraction
 
 from anomaly.backbones.efficientnet_lite import LITE_VARIANTS, build_efficientnet_lite
+from anomaly.backbones.feature_cache import FrozenNetwork
 from anomaly.backbones.weights import build_torchvision_model
 from anomaly.errors import ConfigError
-
-if TYPE_CHECKING:
-    from anomaly.backbones.feature_cache import FeatureCache
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,7 +61,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-class FeatureExtractor(nn.Module):
+class FeatureExtractor(FrozenNetwork):
     """Frozen, eval-mode, multi-layer feature extractor that carries its own input normalisation.
 
     ``weights`` names the pretrained weights (torchvision enum member, e.g. ``"IMAGENET1K_V1"``; for
@@ -87,7 +84,6 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         spec = backbone_spec(name)
         self.name = name
-        self.cache: FeatureCache | None = None  # set by feature_cache.use_cache; not in the state dict
         self.set_precision(precision)
         self.layers = list(layers)
         self.pretrained = weights is not None or weights_path is not None  # else random: nothing recreates it
@@ -104,10 +100,6 @@ class FeatureExtractor(nn.Module):
         self.eval()
         self.channels, self.strides = self._probe()
 
-    def train(self, mode: bool = True) -> "FeatureExtractor":
-        """Stays in eval: BatchNorm statistics belong to the pretrained weights; Lightning calls train()."""
-        return super().train(False)
-
     def set_precision(self, precision: str) -> None:
         """``"float32"``, or ``"bfloat16"`` / ``"float16"``: the network runs under autocast in that type
         (tensor cores on a GPU); its features are returned in float32 either way, so every statistic,
@@ -116,13 +108,12 @@ class FeatureExtractor(nn.Module):
             raise ConfigError(f"backbone.precision must be one of {list(PRECISIONS)}, got {precision!r}")
         self.precision = precision
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        """``images`` [B, 3, H, W] in [0, 1], not normalised → ``{layer: [B, C, H/stride, W/stride]}``
-        (float32): :meth:`compute`'s, or the feature cache's copy of them."""
-        return self.compute(images) if self.cache is None else self.cache.features(self, images)
+    def description(self) -> tuple:
+        return (self.name, self.precision)
 
     def compute(self, images: Tensor) -> dict[str, Tensor]:
-        """The network's features of ``images`` (see :meth:`forward`)."""
+        """``images`` [B, 3, H, W] in [0, 1], not normalised → ``{layer: [B, C, H/stride, W/stride]}``
+        (float32); ``forward`` gives the same, or the feature cache's copy of it."""
         normalised = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         dtype = PRECISIONS[self.precision]
         with torch.autocast(normalised.device.type, dtype=dtype, enabled=dtype is not None):
@@ -131,19 +122,16 @@ class FeatureExtractor(nn.Module):
 
     def _probe(self) -> tuple[list[int], list[int]]:
         """Channels and strides per layer, from one dummy forward."""
-        with torch.no_grad():
-            features = self(torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE))
-        for layer, feature in features.items():
-            if feature.dim() != 4:
+        shapes = self.output_shapes((_PROBE_SIZE, _PROBE_SIZE))
+        for layer, shape in shapes.items():
+            if len(shape) != 3:
                 raise ConfigError(
-                    f"Layer {layer!r} (backbone.layers) gives shape {list(feature.shape)}, not a "
+                    f"Layer {layer!r} (backbone.layers) gives shape {[1, *shape]}, not a "
                     "[B, C, h, w] feature map: pick convolutional stages, not the pooling or classifier "
                     "after them."
                 )
-        return (
-            [feature.shape[1] for feature in features.values()],
-            [_PROBE_SIZE // feature.shape[-1] for feature in features.values()],
-        )
+        channels = [shape[0] for shape in shapes.values()]
+        return channels, [_PROBE_SIZE // shape[-1] for shape in shapes.values()]
 
 
 def fold_conv_batch_norms(body: fx.GraphModule) -> None:

@@ -9,13 +9,15 @@ read off the network's own convolutions and poolings: a forward hook on each rec
 cells sit in its input, and the chain from the image to each layer's grid is composed from those.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 from torch import Tensor, nn
+
+from anomaly.backbones.feature_cache import FrozenNetwork
 
 _DYNAMIC_SAME = (Conv2dSame, Conv2dSameExport, AvgPool2dSame, MaxPool2dSame)  # pad by timm's get_same_padding
 _SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
@@ -41,26 +43,34 @@ class Step(NamedTuple):
 
 
 class GridGeometry:
-    """``geometry(backbone, image_size)`` → per output layer of ``backbone`` (in its order) the
+    """``geometry(network, image_size)`` → per output layer of the frozen ``network`` (in its order) the
     ``(rows, cols)`` axes of its grid, remembered per image size.
 
-    ``backbone(images)`` returns ``{layer: [B, C, h, w]}`` or one ``[B, C, h, w]``; the first call for an
-    image size runs it once on a zero image ``[1, 3, H, W]`` with hooks on its convolutions and poolings.
-    The owner of a backbone keeps one (a backbone swapped for an equal one, as tiling does, keeps it valid).
+    The first call for an image size runs the network's uncached :meth:`~FrozenNetwork.compute` once on a
+    zero image ``[1, 3, H, W]`` with hooks on its convolutions and poolings (its ``forward`` may read the
+    feature cache and run none). The owner of a network keeps one (a network swapped for an equal one, as
+    tiling does, keeps it valid).
     """
 
     def __init__(self) -> None:
         self._known: dict[tuple[int, int], list[tuple[Axis, Axis]]] = {}
 
-    def __call__(self, backbone: nn.Module, image_size: Sequence[int]) -> list[tuple[Axis, Axis]]:
+    def __call__(self, network: FrozenNetwork, image_size: Sequence[int]) -> list[tuple[Axis, Axis]]:
         size = (int(image_size[0]), int(image_size[1]))
         if size not in self._known:
-            self._known[size] = probe_geometry(backbone, size)
+            self._known[size] = probe_geometry(network, size, network.compute)
         return self._known[size]
 
 
-def probe_geometry(backbone: nn.Module, image_size: tuple[int, int]) -> list[tuple[Axis, Axis]]:
-    """The ``(rows, cols)`` axes of each output grid of ``backbone`` for images of ``image_size``."""
+def probe_geometry(
+    network: nn.Module,
+    image_size: tuple[int, int],
+    forward: Callable[[Tensor], Tensor | dict[str, Tensor]] | None = None,
+) -> list[tuple[Axis, Axis]]:
+    """The ``(rows, cols)`` axes of each output grid of ``network`` for images of ``image_size``.
+
+    ``forward`` runs the network's convolutions on the probe image (default: ``network`` itself); it returns
+    ``{layer: [B, C, h, w]}`` or one ``[B, C, h, w]``."""
     steps: tuple[list[Step], list[Step]] = ([], [])
 
     def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
@@ -68,14 +78,12 @@ def probe_geometry(backbone: nn.Module, image_size: tuple[int, int]) -> list[tup
             sizes = int(inputs[0].shape[2 + dim]), int(output.shape[2 + dim])  # ints also under jit.trace
             steps[dim].append(module_step(module, dim, *sizes))
 
-    handles = [m.register_forward_hook(record) for m in backbone.modules() if isinstance(m, _SPATIAL)]
+    handles = [m.register_forward_hook(record) for m in network.modules() if isinstance(m, _SPATIAL)]
     try:
-        parameter = next(backbone.parameters(), None)
+        parameter = next(network.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
-        # a FeatureExtractor's own forward (``compute``): the feature cache's would run no convolution
-        forward = getattr(backbone, "compute", backbone)
         with torch.no_grad():
-            outputs = forward(torch.zeros(1, 3, *image_size, device=device))
+            outputs = (forward or network)(torch.zeros(1, 3, *image_size, device=device))
     finally:
         for handle in handles:
             handle.remove()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anomaly.backbones.feature_cache import FrozenNetwork
 from anomaly.backbones.geometry import Axis, GridGeometry, resample_linear
 from anomaly.errors import ConfigError
 
@@ -32,7 +33,7 @@ class PatchFeatures(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: FrozenNetwork,
         patch_size: int = 3,
         pre_embed_dim: int | None = 1024,
         target_embed_dim: int | None = 1024,

@@ -24,11 +24,13 @@ resizes them instead of failing on the shape mismatch. The Lightning glue for bo
 """
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from anomaly.backbones.feature_cache import FeatureCache, use_cache
 from anomaly.distributed import LOCAL, Collective
 from anomaly.errors import DataError
 
@@ -40,8 +42,25 @@ class AnomalyOutput(NamedTuple):
     image_score: Tensor  # [B]
 
 
+@dataclass(frozen=True)
+class RunResources:
+    """What the machine that fits or updates a model lends it: where it has room, never part of the model or
+    its file. ``anomaly-train`` and ``anomaly-update`` hand their models one
+    (:meth:`AnomalyModel.use_resources`); a model given none uses none (``anomaly-predict``, export).
+    """
+
+    spill_dir: str | None = None  # PatchCore's collected patches wait here for the coreset; None: $TMPDIR
+    feature_cache: FeatureCache | None = None  # frozen networks' outputs across runs and epochs; None: off
+
+
 class AnomalyModel(nn.Module):
-    """What both contracts share: scoring, the fitted state, and export."""
+    """What both contracts share: scoring, the fitted state, export, and the run's resources."""
+
+    def use_resources(self, resources: RunResources) -> None:
+        """Takes this run's machine resources: every frozen network of the model (backbone, EfficientAD's
+        teacher) reads and writes the feature cache. A method that uses more of them extends this
+        (PatchCore: the spill folder); a model of models hands them on."""
+        use_cache(self, resources.feature_cache)
 
     @property
     def is_fitted(self) -> bool:

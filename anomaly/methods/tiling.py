@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from anomaly.backbones import FeatureExtractor
 from anomaly.distributed import LOCAL, Collective
 from anomaly.errors import ConfigError
-from anomaly.methods.base import AnomalyModel, AnomalyOutput, FitOnceModel, TrainedModel
+from anomaly.methods.base import AnomalyModel, AnomalyOutput, FitOnceModel, RunResources, TrainedModel
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,10 @@ class TiledFitOnceModel(FitOnceModel):
         for model in self.models:
             model.fit(collective)
 
+    def use_resources(self, resources: RunResources) -> None:
+        for model in self.models:
+            model.use_resources(resources)
+
     def update(self, batches: Iterable[Tensor]) -> None:
         """Each model learns its tiles in one update (one refit of PaDiM's inverses, one greedy extension
         of PatchCore's bank over all new tiles); per position the new images are held while they pass."""
@@ -202,6 +206,9 @@ class TiledTrainedModel(TrainedModel):
 
     def forward(self, images: Tensor) -> AnomalyOutput:
         return score_tiles(self.models, self.tiling, images)
+
+    def use_resources(self, resources: RunResources) -> None:
+        self.models[0].use_resources(resources)
 
     def training_loss(self, images: Tensor, *extra: Tensor) -> dict[str, Tensor]:
         return self.models[0].training_loss(self.tiling.split(images).flatten(0, 1), *extra)

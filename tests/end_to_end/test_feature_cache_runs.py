@@ -46,7 +46,9 @@ METHODS = {
     "padim": ["method=padim", "method.model.n_features=40"],
     "patchcore": ["method=patchcore"],
     "patchcore_cross_fit": [
-        "method=patchcore", "dataset.calibration_fraction=0", "threshold.source=cross_fit",
+        "method=patchcore",
+        "dataset.calibration_fraction=0",
+        "threshold.source=cross_fit",
         "threshold.folds=2",
     ],
     # 9 training images in batches of 3: every epoch computes its images in batches of the same size
@@ -96,19 +98,29 @@ def test_simplenet_with_a_batch_of_one_stays_within_its_rounding(tmp_path, small
         assert value == pytest.approx(uncached[0][key], abs=1e-3), key
 
 
-def test_efficientad_runs_the_same_with_the_cache_it_does_not_use(tmp_path, small_data_overrides):
-    """Its teacher is a distilled PDN, not a pretrained backbone: nothing is cached (counts 0)."""
+def test_efficientad_reads_its_teachers_outputs_and_runs_the_same(tmp_path, small_data_overrides):
+    """The teacher's outputs on the unaugmented training images, computed for its channel statistics, are
+    read by every training step (4 steps); the augmented autoencoder inputs are computed each step and never
+    stored. Cold and warm runs give the uncached run's metrics, thresholds and model bit for bit (batches of
+    3 over 9 training images: the statistics pass's batches are of the steps' size; the paper's batch of 1
+    is the simpler case)."""
+    batch_size = 3
     teacher = tmp_path / "teacher_small.pth"
     torch.manual_seed(0)
     torch.save(patch_description_network(384, "small").state_dict(), teacher)
     overrides = [*small_data_overrides, *SMALL_64, "method=efficientad", "method.max_steps=4",
-                 f"method.model.teacher_weights={teacher}"]  # fmt: skip
+                 f"method.model.teacher_weights={teacher}", f"dataset.batch_size={batch_size}"]  # fmt: skip
     cache_dir = tmp_path / "cache"
     uncached = run(tmp_path, "uncached", [*overrides, "cache=false"], cache_dir)
-    cached = run(tmp_path, "cached", overrides, cache_dir)
-    assert cached[0] == uncached[0] and cached[1]["calibration"] == uncached[1]["calibration"]
-    assert_same_model(cached[2], uncached[2])
-    assert cached[1]["feature_cache"] == {"images_read": 0, "images_computed": 0}
+    cold = run(tmp_path, "cold", overrides, cache_dir)
+    warm = run(tmp_path, "warm", overrides, cache_dir)
+    for other in (cold, warm):
+        assert other[0] == uncached[0] and other[1]["calibration"] == uncached[1]["calibration"]
+        assert_same_model(other[2], uncached[2])
+    read_cold, computed_cold = cold[1]["feature_cache"].values()
+    assert read_cold == 4 * batch_size  # the training steps, on what the statistics pass computed
+    assert warm[1]["feature_cache"] == {"images_read": read_cold + computed_cold, "images_computed": 0}
+    assert len(list(cache_dir.glob("*/*.safetensors"))) == computed_cold  # no augmented image stored
 
 
 def test_a_parallel_joblib_sweep_shares_one_cache(tmp_path, small_data_overrides):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
 
 from anomaly.backbones.patch_features import PatchFeatures
 from anomaly.cli.update import update
@@ -80,7 +81,8 @@ def test_anomaly_update_writes_a_new_file_with_lineage_and_a_recalibrated_thresh
     )
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("update", [f"model={run_dir}", f"input={tmp_path / 'new' / 'fabric' / 'train'}",
-                                 "num_workers=0", "device=cpu"])  # fmt: skip
+                                 "num_workers=0", "device=cpu",
+                                 f"cache_dir={tmp_path / 'cache'}"])  # fmt: skip
     before = (run_dir / "model.safetensors").read_bytes()
     output = update(cfg)
     assert output.parent == run_dir and output.name.startswith("model.updated-")
@@ -93,6 +95,33 @@ def test_anomaly_update_writes_a_new_file_with_lineage_and_a_recalibrated_thresh
     else:
         assert len(new.model.memory_bank) > len(old.model.memory_bank)
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        again = compose("update", [f"model={run_dir}", f"input={tmp_path / 'new'}", f"output={output}"])
+        again = compose(
+            "update", [f"model={run_dir}", f"input={tmp_path / 'new'}", f"output={output}", "cache=false"]
+        )
     with pytest.raises(ConfigError, match="never overwrites"):
         update(again)
+
+
+@pytest.mark.parametrize("method", ["padim", "patchcore"])
+def test_an_update_with_the_feature_cache_writes_the_model_of_one_without(
+    method, fitted_runs, tmp_path, capsys
+):
+    """The new images pass the backbone twice (scored under the old model, then learnt): with the cache the
+    second pass reads what the first computed, and the new model and thresholds are the uncached update's,
+    bit for bit."""
+    generate_dataset(
+        tmp_path / "new", ["fabric"], n_train=6, n_test_good=1, n_test_defect=1, image_size=128, seed=5
+    )
+    written, new_parts = {}, tmp_path / "new" / "fabric" / "train"
+    for cache in ("false", "true"):
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("update", [f"model={fitted_runs[method]}", f"input={new_parts}",
+                                     f"output={tmp_path / f'cache-{cache}.safetensors'}", f"cache={cache}",
+                                     f"cache_dir={tmp_path / 'cache'}", "num_workers=0", "device=cpu",
+                                     "batch_size=4"])  # fmt: skip
+        written[cache] = update(cfg)
+    assert "6 images read, 6 computed" in capsys.readouterr().out  # 6 new images: each computed once
+    uncached, cached = (load_file(written[cache]) for cache in ("false", "true"))
+    assert uncached.keys() == cached.keys()
+    assert all(torch.equal(uncached[key], cached[key]) for key in uncached)
+    assert load_model(written["true"]).calibration == load_model(written["false"]).calibration

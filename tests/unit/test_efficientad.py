@@ -84,7 +84,7 @@ def test_output_shapes_and_losses(teachers, model_size):
     parts = sum(value for key, value in losses.items() if key != "loss")
     assert torch.allclose(losses["loss"], parts)
     losses["loss"].backward()
-    assert model.teacher[0].weight.grad is None  # the teacher stays frozen
+    assert model.teacher.get_submodule("0").weight.grad is None  # the teacher stays frozen
     assert model.student[0].weight.grad is not None and model.autoencoder.head[0].weight.grad is not None
 
 

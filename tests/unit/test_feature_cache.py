@@ -1,6 +1,8 @@
-"""The backbone feature cache: its key, bit-identical reads, damaged files, unwritable disks and eviction."""
+"""The feature cache: its key, bit-identical reads, damaged files, unwritable disks and eviction (across
+processes too)."""
 
 import logging
+import multiprocessing
 import os
 import threading
 from pathlib import Path
@@ -16,16 +18,17 @@ from anomaly.backbones import FeatureExtractor
 from anomaly.backbones.feature_cache import (
     FeatureCache,
     FeatureStore,
-    backbone_fingerprint,
     image_key,
+    network_fingerprint,
     use_cache,
 )
-from anomaly.backbones.geometry import probe_geometry
+from anomaly.backbones.geometry import GridGeometry, probe_geometry
 from anomaly.cli.cache import main as cache_main
 from anomaly.data.decode import read_image
 from anomaly.data.preprocessing import Preprocessing
 from anomaly.errors import ConfigError
-from anomaly.experiment import feature_cache_of
+from anomaly.experiment import resources_of
+from anomaly.methods.efficientad.model import Teacher
 
 LAYERS = ["layer1", "layer2"]
 
@@ -88,23 +91,23 @@ def test_a_batch_with_one_new_image_is_computed_whole_and_stores_only_the_new_on
 
 
 def test_the_key_covers_image_bytes_preprocessing_graph_weights_and_precision(extractor):
-    fingerprint = backbone_fingerprint(extractor, "cpu")
+    fingerprint = network_fingerprint(extractor, "cpu")
     image = images(1)[0]
     key = image_key(fingerprint, image)
     changed_pixel = image.clone()
     changed_pixel[0, 0, 0] += 1e-3
     assert image_key(fingerprint, changed_pixel) != key
     assert image_key(fingerprint, image[:, :32]) != key  # another size or crop is another tensor
-    assert image_key(backbone_fingerprint(extractor, "cuda"), image) != key
-    assert image_key(backbone_fingerprint(resnet18(["layer1"]), "cpu"), image) != key
-    assert image_key(backbone_fingerprint(resnet18(fold_batch_norms=False), "cpu"), image) != key
+    assert image_key(network_fingerprint(extractor, "cuda"), image) != key
+    assert image_key(network_fingerprint(resnet18(["layer1"]), "cpu"), image) != key
+    assert image_key(network_fingerprint(resnet18(fold_batch_norms=False), "cpu"), image) != key
     heavier = resnet18()
     heavier.body.conv1.weight.data[0, 0, 0, 0] += 1e-3
-    assert image_key(backbone_fingerprint(heavier, "cpu"), image) != key
+    assert image_key(network_fingerprint(heavier, "cpu"), image) != key
     bfloat16 = resnet18()
     bfloat16.set_precision("bfloat16")
-    assert image_key(backbone_fingerprint(bfloat16, "cpu"), image) != key
-    assert backbone_fingerprint(resnet18(), "cpu") == fingerprint  # the same weights rebuilt: the same key
+    assert image_key(network_fingerprint(bfloat16, "cpu"), image) != key
+    assert network_fingerprint(resnet18(), "cpu") == fingerprint  # the same weights rebuilt: the same key
 
 
 def test_the_key_ignores_the_file_path_and_time_but_not_its_content(extractor, tmp_path):
@@ -116,7 +119,7 @@ def test_the_key_ignores_the_file_path_and_time_but_not_its_content(extractor, t
     os.utime(second, (1_000_000, 1_000_000))
     pixels[:8, :8] //= 2  # a darker corner
     Image.fromarray(pixels).save(other)
-    fingerprint = backbone_fingerprint(extractor, "cpu")
+    fingerprint = network_fingerprint(extractor, "cpu")
 
     def key(path: Path, size: int = 48) -> str:  # as the data set reads and preprocesses an image
         return image_key(fingerprint, Preprocessing(size).transform()(tv_tensors.Image(read_image(path))))
@@ -252,9 +255,9 @@ def test_anomaly_cache_shows_the_size_and_clears(extractor, tmp_path, capsys):
 
 def test_a_bad_size_cap_is_a_config_error_and_cache_false_is_no_cache(tmp_path):
     with pytest.raises(ConfigError, match="cache_max_gb"):
-        feature_cache_of(anomaly.compose(["cache_max_gb=0"], output_dir=tmp_path))
-    assert feature_cache_of(anomaly.compose(["cache=false"], output_dir=tmp_path)) is None
-    cache = feature_cache_of(anomaly.compose(["cache_max_gb=0.5"], output_dir=tmp_path))
+        resources_of(anomaly.compose(["cache_max_gb=0"], output_dir=tmp_path))
+    assert resources_of(anomaly.compose(["cache=false"], output_dir=tmp_path)).feature_cache is None
+    cache = resources_of(anomaly.compose(["cache_max_gb=0.5"], output_dir=tmp_path)).feature_cache
     assert cache.store.max_bytes == 500_000_000 and cache.store.root.name == "feature_cache"
 
 
@@ -263,6 +266,66 @@ def test_the_grid_geometry_of_a_cached_backbone_is_probed_on_its_convolutions(tm
     none, must not be what the probe calls (a second run failed: "cannot tell where the cells ... lie")."""
     extractor = resnet18()
     expected = probe_geometry(extractor, (64, 64))
-    cached(extractor, tmp_path)
+    cache = cached(extractor, tmp_path)
     extractor(torch.zeros(1, 3, 64, 64))  # the probe's own zero image, now in the cache
-    assert probe_geometry(extractor, (64, 64)) == expected
+    assert GridGeometry()(extractor, (64, 64)) == expected
+    assert (cache.read, cache.computed) == (0, 1)  # the geometry ran the network, never the cache
+
+
+def teacher(seed: int = 0) -> Teacher:
+    torch.manual_seed(seed)
+    return Teacher(out_channels=8, model_size="small")
+
+
+def test_the_efficientad_teacher_is_cached_under_its_own_weights(tmp_path):
+    """Its outputs on a batch: cold and warm equal to its computation; another teacher's weights are
+    another key, so a teacher never reads another's outputs."""
+    batch = images(2)
+    cache = cached(teacher(), tmp_path)
+    first, other = teacher(), teacher(seed=1)
+    use_cache(first, cache)
+    use_cache(other, cache)
+    cold, warm = first(batch), first(batch)
+    assert_identical(cold, first.compute(batch))
+    assert_identical(warm, cold)
+    assert_identical(other(batch), other.compute(batch))
+    assert (cache.read, cache.computed) == (2, 4)  # the other teacher computed its own
+    assert network_fingerprint(first, "cpu") == network_fingerprint(teacher(), "cpu")
+    assert network_fingerprint(first, "cpu") != network_fingerprint(other, "cpu")
+    assert cold["output"].shape[1:] == first.output_shapes((64, 64))["output"] == (8, 8, 8)
+
+
+FILE_BYTES = 4096  # one test file's tensor
+
+
+def fill(
+    root: Path, name: str, count: int, max_bytes: int, started: "multiprocessing.synchronize.Barrier"
+) -> None:
+    """Writes ``count`` files of ``FILE_BYTES`` into the cache at ``root``, the first before the barrier."""
+    store = FeatureStore(root, max_bytes)
+    for index in range(count):
+        store.write(f"{name}{index:04d}", {"x": torch.zeros(FILE_BYTES // 4)}, {})
+        if index == 0:
+            started.wait(timeout=60)
+
+
+def test_the_size_cap_holds_for_processes_writing_one_cache_together(tmp_path):
+    """Two processes, each writing 0.7 of the cap after both began: together 1.4 caps. Each counted only its
+    own writes before (each stayed under the cap and nothing was evicted: 1.4 caps on disk); the count
+    they share keeps the folder at most at the cap."""
+    probe = FeatureStore(tmp_path / "probe", 10**9)
+    probe.write("aa", {"x": torch.zeros(FILE_BYTES // 4)}, {})
+    file_size = probe.size()
+    max_bytes, count = 40 * file_size, 28
+    context = multiprocessing.get_context("fork")
+    started = context.Barrier(2)
+    writers = [context.Process(target=fill, args=(tmp_path / "cache", name, count, max_bytes, started))
+               for name in ("aa", "bb")]  # fmt: skip
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    store = FeatureStore(tmp_path / "cache", max_bytes)
+    assert 0.5 * max_bytes < store.size() <= max_bytes  # evicted to the cap, not emptied
+    assert int((tmp_path / "cache" / ".size").read_text()) == store.size()  # the shared count is exact

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 
 import anomaly
 from anomaly.errors import ConfigError, FileSystemError, describe_user_error
-from anomaly.experiment import build_model, check_settings
+from anomaly.experiment import build_model, check_settings, resources_of
 from anomaly.methods.patchcore import spill as spill_module
 from anomaly.methods.patchcore.spill import PatchSpill
 from anomaly.methods.postprocess import gaussian_blur
@@ -161,7 +161,8 @@ def test_backbone_weights_path_for_a_model_without_pretrained_weights_is_refused
 
 
 def test_the_run_hands_paths_spill_dir_to_patchcore(tmp_path):
-    model = build_model(composed("method=patchcore", f"paths.spill_dir={tmp_path}"), tiling=None)
+    cfg = composed("method=patchcore", f"paths.spill_dir={tmp_path}")
+    model = build_model(cfg, tiling=None, resources=resources_of(cfg))
     assert model.spill_dir == str(tmp_path)
     model.collect(torch.rand(1, 3, 64, 64))
     assert os.readlink(f"/proc/self/fd/{model._spill._file.fileno()}").startswith(str(tmp_path))

@@ -77,7 +77,8 @@ def test_update_names_every_file_it_does_not_add(padim_file, tmp_path, capsys):
     output = tmp_path / "updated.safetensors"
     cfg = OmegaConf.create({"model": str(padim_file), "input": str(tmp_path / "approved"),
                             "output": str(output),
-                            "batch_size": 4, "num_workers": 0, "device": "cpu"})  # fmt: skip
+                            "batch_size": 4, "num_workers": 0, "device": "cpu", "cache": False,
+                            "spill_dir": None})  # fmt: skip
     update(cfg)
     printed = capsys.readouterr().out
     assert "Added 4 good images" in printed and "3 file(s) not used" in printed

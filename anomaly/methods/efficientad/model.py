@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
+from anomaly.backbones.feature_cache import FrozenNetwork
 from anomaly.backbones.feature_extractor import IMAGENET_MEAN, IMAGENET_STD
 from anomaly.backbones.geometry import GridGeometry
 from anomaly.distributed import LOCAL, Collective
@@ -75,6 +76,34 @@ def patch_description_network(out_channels: int, model_size: str, padding: bool 
             nn.Conv2d(out_channels, out_channels, kernel_size=1),
         )
     raise ConfigError(f"model_size must be one of {MODEL_SIZES}, got {model_size!r}")
+
+
+class Teacher(FrozenNetwork):
+    """The distilled PDN, frozen: ``[B, 3, H, W]`` images in [0, 1] → ``{"output": [B, C, h, w]}``, its raw
+    features of the ImageNet-normalised images.
+
+    Its layers are its own children ``0``, ``1``, ... as the published teacher files name them (a model
+    file's ``teacher.0.weight``). As a :class:`FrozenNetwork` its ``forward`` reads the feature cache where
+    a run has one: EfficientAD calls it on unaugmented images only, :meth:`compute` on augmented ones.
+    """
+
+    def __init__(self, out_channels: int, model_size: str) -> None:
+        super().__init__()
+        self.layers = ["output"]
+        self.out_channels = out_channels
+        for name, layer in patch_description_network(out_channels, model_size).named_children():
+            self.add_module(name, layer)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    @torch.no_grad()
+    def compute(self, images: Tensor) -> dict[str, Tensor]:
+        x = (images - self.mean) / self.std
+        for layer in self.children():
+            x = layer(x)
+        return {"output": x.float()}  # float32 as every frozen network's (a no-op outside autocast)
 
 
 class AutoEncoder(nn.Module):
@@ -161,7 +190,7 @@ class EfficientAD(TrainedModel):
         self.hard_quantile = hard_quantile
         self.quantile_low = quantile_low
         self.quantile_high = quantile_high
-        self.teacher = patch_description_network(out_channels, model_size).requires_grad_(False)
+        self.teacher = Teacher(out_channels, model_size)
         self.student = patch_description_network(2 * out_channels, model_size)
         self.geometry = GridGeometry()  # where the PDN's cells lie: cell i on pixel 4i + 16 (33-px field)
         self.autoencoder = AutoEncoder(out_channels, autoencoder_dropout)
@@ -180,7 +209,8 @@ class EfficientAD(TrainedModel):
             load_teacher(self.teacher, Path(teacher_weights), model_size)
 
     def prepare(self, batches: Iterable[Tensor], collective: Collective = LOCAL) -> None:
-        """The teacher's per-channel mean and std over all positions of the training images."""
+        """The teacher's per-channel mean and std over all positions of the training images (unaugmented,
+        as the reference's: the feature cache keeps these outputs for the training steps)."""
         if not self.teacher_loaded:
             raise ConfigError(TEACHER_HELP)
         statistics = ChannelStatistics()
@@ -202,8 +232,7 @@ class EfficientAD(TrainedModel):
             )
         # with several processes each holds its block of the held-out images: the quantiles are over all
         quantiles = [
-            self.map_quantiles(collective.gather_rows(torch.cat(kind)))
-            for kind in zip(*maps, strict=True)
+            self.map_quantiles(collective.gather_rows(torch.cat(kind))) for kind in zip(*maps, strict=True)
         ]
         for name, (low, high) in zip(("student-teacher", "autoencoder"), quantiles, strict=True):
             if not high > low:
@@ -232,12 +261,13 @@ class EfficientAD(TrainedModel):
 
     @torch.no_grad()
     def teacher_features(self, images: Tensor) -> Tensor:
-        """Raw (unnormalised) teacher output ``[B, C, h, w]`` of ``[0, 1]`` images."""
-        return self.teacher(self.normalise_images(images))
+        """Raw (unnormalised) teacher output ``[B, C, h, w]`` of unaugmented ``[0, 1]`` images: read from
+        the feature cache where the run has one (training, map-normalisation and test images alike)."""
+        return self.teacher(images)["output"]
 
-    def _teacher_normalised(self, normalised_images: Tensor) -> Tensor:
-        with torch.no_grad():
-            return (self.teacher(normalised_images) - self.teacher_mean) / self.teacher_std
+    def _standardised(self, teacher_output: Tensor) -> Tensor:
+        """Teacher features standardised per channel by the training images' statistics."""
+        return (teacher_output - self.teacher_mean) / self.teacher_std
 
     def training_loss(self, images: Tensor, penalty_images: Tensor | None = None) -> dict[str, Tensor]:
         """The paper's loss on a batch of normal ``[0, 1]`` images ``[B, 3, H, W]``.
@@ -248,15 +278,16 @@ class EfficientAD(TrainedModel):
         if not self.has_teacher_normalisation:
             raise RuntimeError("prepare() must run on the training images before training EfficientAD")
         c = self.out_channels
-        x_st = self.normalise_images(images)
-        distance_st = (self._teacher_normalised(x_st) - self.student(x_st)[:, :c]) ** 2
+        x_st = self.normalise_images(images)  # unaugmented, as the reference's "image_st"
+        distance_st = (self._standardised(self.teacher_features(images)) - self.student(x_st)[:, :c]) ** 2
         hard = quantile(distance_st.detach(), self.hard_quantile)  # over the whole batch, as the reference
         losses = {"loss_st": distance_st[distance_st >= hard].mean()}
         if penalty_images is not None:
             losses["loss_penalty"] = (self.student(self.normalise_images(penalty_images))[:, :c] ** 2).mean()
 
-        x_ae = self.normalise_images(torch.stack([self.ae_augment(image) for image in images]))
-        teacher_ae = self._teacher_normalised(x_ae)
+        augmented = torch.stack([self.ae_augment(image) for image in images])
+        x_ae = self.normalise_images(augmented)
+        teacher_ae = self._standardised(self.teacher.compute(augmented)["output"])  # new each step: uncached
         ae_output = self.autoencoder(x_ae, teacher_ae.shape[-2:])
         losses["loss_ae"] = ((teacher_ae - ae_output) ** 2).mean()
         losses["loss_stae"] = ((ae_output - self.student(x_ae)[:, c:]) ** 2).mean()
@@ -269,7 +300,7 @@ class EfficientAD(TrainedModel):
             raise RuntimeError("EfficientAD has no teacher normalisation: train it or load a trained model")
         c = self.out_channels
         x = self.normalise_images(images)
-        teacher = self._teacher_normalised(x)
+        teacher = self._standardised(self.teacher_features(images))
         student = self.student(x)
         ae_output = self.autoencoder(x, teacher.shape[-2:])
         map_st = ((teacher - student[:, :c]) ** 2).mean(dim=1, keepdim=True)
@@ -305,7 +336,7 @@ def quantile(values: Tensor, q: float) -> Tensor:
     return low + (high - low) * (position - index)
 
 
-def load_teacher(teacher: nn.Sequential, path: Path, model_size: str) -> None:
+def load_teacher(teacher: Teacher, path: Path, model_size: str) -> None:
     """Loads a PDN state dict (keys ``0.weight``, ``0.bias``, ...) with errors that name the file."""
     if not path.is_file():
         raise ConfigError(f"Teacher weights {path} do not exist. {TEACHER_HELP}")
@@ -316,7 +347,7 @@ def load_teacher(teacher: nn.Sequential, path: Path, model_size: str) -> None:
             f"Cannot read teacher weights {path} as a torch state dict of tensors: {error}"
         ) from error
     expected = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
-    out_channels = teacher[-1].out_channels
+    out_channels = teacher.out_channels
     found = (
         {k: tuple(v.shape) for k, v in state.items() if isinstance(v, Tensor)}
         if isinstance(state, dict)

@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from anomaly.backbones.feature_cache import FrozenNetwork
 from anomaly.backbones.geometry import GridGeometry, resample_linear
 from anomaly.distributed import LOCAL, Collective
 from anomaly.errors import ConfigError, DataError
@@ -32,7 +33,7 @@ FLOAT32_RUN = 1024  # images summed in float32 before the sums move into the flo
 class Padim(FitOnceModel):
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: FrozenNetwork,
         n_features: int = 100,
         covariance_epsilon: float = 0.01,
         blur_sigma: float = 4.0,

@@ -13,7 +13,7 @@ from torch import Tensor
 from anomaly.backbones.patch_features import PatchFeatures
 from anomaly.distributed import LOCAL, Collective
 from anomaly.errors import ConfigError
-from anomaly.methods.base import AnomalyOutput, FitOnceModel, register_fitted_buffer
+from anomaly.methods.base import AnomalyOutput, FitOnceModel, RunResources, register_fitted_buffer
 from anomaly.methods.patchcore.coreset import coreset_sampler
 from anomaly.methods.patchcore.nearest_neighbors import KNN_BACKENDS, FaissKnn, TorchKnn, build_index
 from anomaly.methods.patchcore.rows import row_offset, take_over_ranks
@@ -36,10 +36,10 @@ class PatchCore(FitOnceModel):
         blur_sigma: Gaussian smoothing of the upsampled map, in input pixels (official: 4).
         knn_backend: "auto", "faiss" or "torch" (see :func:`build_index`).
 
-    ``spill_dir`` (an attribute, not an argument) is the folder of the file where collected patches wait
-    for :meth:`fit` and :meth:`update` (:class:`PatchSpill`; it has no name and is gone after the fit); None:
-    the system temp dir. It is where this machine has room, a run setting (``paths.spill_dir``) that
-    whoever fits sets: never part of the model or its file.
+    ``spill_dir`` (a run resource, not an argument: :meth:`use_resources`) is the folder of the file where
+    collected patches wait for :meth:`fit` and :meth:`update` (:class:`PatchSpill`; it has no name and is
+    gone after the fit); None: the system temp dir. It is where this machine has room (``paths.spill_dir``):
+    never part of the model or its file.
     """
 
     def __init__(
@@ -79,6 +79,10 @@ class PatchCore(FitOnceModel):
         register_fitted_buffer(self, "memory_bank")  # [M, D]
         self._knn: tuple[Tensor, TorchKnn | FaissKnn] | None = None  # (bank it was built from, index)
         self.register_load_state_dict_post_hook(_drop_knn_index)
+
+    def use_resources(self, resources: RunResources) -> None:
+        super().use_resources(resources)
+        self.spill_dir = resources.spill_dir
 
     @property
     def is_fitted(self) -> bool:
