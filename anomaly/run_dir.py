@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from anomaly.config import data_name
+from anomaly.config import data_name, protocol
 from anomaly.errors import ConfigError, describe_user_error
 from anomaly.methods.base import FitOnceModel
 from anomaly.reports.database import append_run
@@ -159,6 +159,7 @@ def run_record(
         error=error,
         wandb={"project": logger.project, "offline": logger.offline} if logger else None,
         run_id=run_id,
+        protocol=protocol(cfg),
     )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from anomaly.cli.runtime import report_user_errors
 from anomaly.errors import UserError
-from anomaly.reports.collect import newest_per_combination, record_row
+from anomaly.reports.collect import newest_per_combination, record_rows
 from anomaly.reports.database import DATABASE_FILE, read_runs
 from anomaly.reports.html import database_report_html
 from anomaly.reports.plots import save_plots
@@ -39,7 +39,7 @@ def write_report(source: Path, out_dir: Path) -> Path:
             f"No results database at {database}: anomaly-train appends every run to "
             f"<output root>/{DATABASE_FILE} (paths.results_db). Pass that folder or file."
         )
-    everything = [record_row(record, run_dir) for record, run_dir in read_runs(database)]
+    everything = [row for record, run_dir in read_runs(database) for row in record_rows(record, run_dir)]
     if not everything:
         raise UserError(f"{database} holds no runs yet.")
     out_dir.mkdir(parents=True, exist_ok=True)

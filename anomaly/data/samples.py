@@ -20,6 +20,7 @@ class Sample:
     label: int  # 0 = good, 1 = defective
     mask_path: Path | None  # None: no pixel ground truth (good images, or a folder without masks)
     defect_type: str  # "good" or the defect folder name
+    category: str = ""  # the category it was listed for (a unified run tests each apart); "" without one
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 from anomaly.metrics.registry import reported_metrics
 from anomaly.reports.records import RECORD_FILE, RunRecord
 
-RUN_COLUMNS = ("method", "backbone", "variant", "dataset", "category", "seed", "status")
+RUN_COLUMNS = ("method", "backbone", "variant", "protocol", "dataset", "category", "seed", "status")
 TIMING_COLUMNS = ("fit_seconds", "test_seconds", "peak_rss_mb")
 
 
@@ -15,16 +15,31 @@ def columns() -> tuple[str, ...]:
     return (*RUN_COLUMNS, *(metric.key for metric in reported_metrics()), *TIMING_COLUMNS, "run_dir", "error")
 
 
-def read_row(run_dir: Path) -> dict | None:
-    """One row from a run dir's record; None when it holds none."""
+def read_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run dir's record (:func:`record_rows`); none when it holds none."""
     record = RunRecord.read(run_dir)
-    return None if record is None else record_row(record, run_dir)
+    return [] if record is None else record_rows(record, run_dir)
+
+
+def record_rows(record: RunRecord, run_dir: Path) -> list[dict]:
+    """A run's record as table rows: one, or a unified run's one per category (its category's metrics;
+    the timings are the whole run's), so that the category tables show it beside the runs of a model per
+    category (:func:`method_label` tells them apart by protocol)."""
+    row = record_row(record, run_dir)
+    if not record.category_metrics:
+        return [row]
+    measured = {key for metrics in record.category_metrics.values() for key in metrics}
+    shared = {key: value for key, value in row.items() if key not in measured}
+    return [
+        {**shared, "category": category, **metrics} for category, metrics in record.category_metrics.items()
+    ]
 
 
 def record_row(record: RunRecord, run_dir: Path) -> dict:
-    """A run's record as a table row."""
+    """A run's record as one table row (a unified run's: the mean over its categories)."""
     row = {
         "method": record.method,
+        "protocol": record.protocol,
         "backbone": record.backbone or "",
         "dataset": record.dataset,
         "category": record.category,
@@ -50,7 +65,7 @@ def collect_runs(folder: Path) -> tuple[list[dict], list[dict]]:
     the others are returned as repeats.
     """
     run_dirs = sorted({path.parent for path in folder.rglob(RECORD_FILE)})
-    rows = [row for run_dir in run_dirs if (row := read_row(run_dir))]
+    rows = [row for run_dir in run_dirs for row in read_rows(run_dir)]
     rows.sort(key=lambda r: (Path(r["run_dir"]) / RECORD_FILE).stat().st_mtime)
     return newest_per_combination(rows)
 
@@ -99,5 +114,9 @@ def one_line(text: str, limit: int = 400) -> str:
 
 
 def method_label(row: dict) -> str:
+    """The method, its backbone, its variant and a protocol other than a model per category: what a table's
+    column is (``patchcore (resnet18) [coreset_ratio=0.01] · unified``)."""
     label = f"{row['method']} ({row['backbone']})" if row["backbone"] else row["method"]
-    return f"{label} [{row['variant']}]" if row.get("variant") else label
+    label = f"{label} [{row['variant']}]" if row.get("variant") else label
+    protocol = row.get("protocol", "per-category")
+    return label if protocol == "per-category" else f"{label} · {protocol}"
