@@ -84,10 +84,8 @@ class RunResult:
         if self.skipped:
             title += " (results of an earlier run of this config; force=true redoes it)"
         rows = "\n".join(f"  {key:<38} {value:>10.4f}" for key, value in self.metrics.items())
-        if record.category_metrics:
-            rows = f"  mean over {len(record.category_metrics)} categories:\n{rows}\n" + per_category_lines(
-                record.category_metrics
-            )
+        if per_category := record.category_metrics:
+            rows = f"  mean over {len(per_category)} categories:\n{rows}\n{per_category_lines(per_category)}"
         skipped = f"\n  skipped files: {len(record.skipped_files)} (run.json)" if record.skipped_files else ""
         calibration = (
             self.calibration.describe() if self.calibration
