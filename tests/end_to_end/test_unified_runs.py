@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow  # whole runs: seconds each
 CATEGORIES = ["fabric", "tile", "washer"]
 UNIFIED = [
     f"dataset.category=[{','.join(CATEGORIES)}]", "dataset.image_size=[64,64]", "dataset.generated_size=64",
-    "dataset.n_train=6", "dataset.n_test_good=3", "dataset.n_test_defect=3", "dataset.n_calibration=0",
+    "dataset.n_train=6", "dataset.n_test_good=2", "dataset.n_test_defect=2", "dataset.n_calibration=0",
     "dataset.calibration_fraction=0.2", "dataset.num_workers=0", "dataset.batch_size=4", "backbone=resnet18",
     "backbone.weights=null", "logger=none", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
 ]  # fmt: skip
@@ -38,7 +38,7 @@ METHODS = {
     "padim": ["method=padim", "method.model.n_features=40"],
     "patchcore": ["method=patchcore"],
     "simplenet": ["method=simplenet", "method.max_epochs=1", "dataset.batch_size=4"],
-    "efficientad": ["method=efficientad", "method.max_steps=3", "dataset.batch_size=1"],
+    "efficientad": ["method=efficientad", "method.max_steps=2", "dataset.batch_size=1"],
 }
 
 
