@@ -85,7 +85,8 @@ class RunResult:
             title += " (results of an earlier run of this config; force=true redoes it)"
         rows = "\n".join(f"  {key:<38} {value:>10.4f}" for key, value in self.metrics.items())
         if per_category := record.category_metrics:
-            rows = f"  mean over {len(per_category)} categories:\n{rows}\n{per_category_lines(per_category)}"
+            heading = f"  per category (the metrics above: their mean over {len(per_category)} categories)"
+            rows = f"{rows}\n{heading}\n{per_category_lines(per_category)}"
         skipped = f"\n  skipped files: {len(record.skipped_files)} (run.json)" if record.skipped_files else ""
         calibration = (
             self.calibration.describe() if self.calibration
