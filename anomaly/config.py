@@ -16,6 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from anomaly.data.datamodule import ALL_CATEGORIES, category_name
+
 CONFIG_PATH = "pkg://anomaly.configs"  # the configs/ folder, shipped in the package (setup.py)
 
 
@@ -53,14 +55,24 @@ def sweep_id(default: str) -> str:
 
 
 def data_name(cfg: DictConfig) -> str:
-    """What a run's data is called in folder names, wandb and result tables: the category, else the data
-    folder's name, else the data set config's (``${data_name:}`` in the configs)."""
+    """What a run's data is called in folder names, wandb and result tables: the category (several joined by
+    ``+``, or ``all``), else the data folder's name, else the data set config's (``${data_name:}`` in the
+    configs)."""
     dataset = cfg.get("dataset") or {}
     if dataset.get("category"):
-        return str(dataset.category)
+        category = dataset.category
+        return category_name(category if isinstance(category, str) else [str(c) for c in category])
     if "root" in dataset and not OmegaConf.is_missing(dataset, "root") and dataset.root:
         return Path(str(dataset.root)).name
     return HydraConfig.get().runtime.choices.get("dataset", "data") if HydraConfig.initialized() else "data"
+
+
+def protocol(cfg: DictConfig) -> str:
+    """The evaluation protocol a run follows (``RunRecord.protocol``): ``unified`` when one model fits
+    several categories (``dataset.category`` a list, or ``all``), else ``per-category``."""
+    category = (cfg.get("dataset") or {}).get("category")
+    listed = isinstance(category, Sequence) and not isinstance(category, str)
+    return "unified" if listed or category == ALL_CATEGORIES else "per-category"
 
 
 def run_stamp() -> str:

@@ -45,7 +45,7 @@ from anomaly.methods.base import (
 )
 from anomaly.methods.lightning import AnomalyModule, DDPStrategy, ScoringModule, TestResult, collective_of
 from anomaly.methods.tiling import Tiling, tile_model
-from anomaly.metrics import Evaluator
+from anomaly.metrics import CategoryEvaluators
 from anomaly.model_io import MODEL_FILE_NAME, read_calibration, save_model
 from anomaly.reports.records import RunRecord
 from anomaly.reports.submissions import WRITERS
@@ -85,12 +85,28 @@ class RunResult:
         if self.skipped:
             title += " (results of an earlier run of this config; force=true redoes it)"
         rows = "\n".join(f"  {key:<38} {value:>10.4f}" for key, value in self.metrics.items())
+        if per_category := record.category_metrics:
+            heading = f"  per category (the metrics above: their mean over {len(per_category)} categories)"
+            rows = f"{rows}\n{heading}\n{per_category_lines(per_category)}"
         skipped = f"\n  skipped files: {len(record.skipped_files)} (run.json)" if record.skipped_files else ""
         calibration = (
             self.calibration.describe() if self.calibration
             else f"no threshold: {record.threshold_note or 'see the log'}"
         )  # fmt: skip
         return f"\n{title}\n{rows}{skipped}\n  {calibration}\n  outputs: {self.output_dir}\n"
+
+
+PER_CATEGORY_SHOWN = ("image_auroc", "pixel_auroc", "pixel_aupro", "false_alarm_rate")
+
+
+def per_category_lines(per_category: dict[str, dict[str, float]]) -> str:
+    """A unified run's categories, a line each: the metrics of :data:`PER_CATEGORY_SHOWN` that it has (the
+    false-alarm rate: observed on the category's good test images at the run's one threshold)."""
+    keys = [key for key in PER_CATEGORY_SHOWN if key in next(iter(per_category.values()))]
+    lines = [f"  {'category':<20}" + "".join(f"{key:>18}" for key in keys)]
+    for category, metrics in per_category.items():
+        lines.append(f"  {category:<20}" + "".join(f"{metrics[key]:>18.4f}" for key in keys))
+    return "\n".join(lines)
 
 
 def run(cfg: DictConfig) -> RunResult:
@@ -355,20 +371,23 @@ def test(
     datamodule: AnomalyDataModule,
     calibration: Calibration | None,
 ) -> TestResult:
-    """Test metrics at the calibrated thresholds, and the heatmap examples (spread over the test set); the
-    per-sample metrics too where test images are views of one part (Real-IAD)."""
+    """Test metrics at the calibrated thresholds, each category's apart (a unified run's headline metrics
+    are their mean), the per-sample metrics too where test images are views of one part (Real-IAD), and the
+    heatmap examples (spread over the test set)."""
     labels = {sample.label for sample in datamodule.test_samples}
     if labels != {0, 1}:
         kind = "good" if labels == {0} else "defective"
         count = len(datamodule.test_samples)
         log.warning("The test set has only %s images (%d): no test metrics.", kind, count)
-        return TestResult({}, [])
+        return TestResult({}, [], {})
     pixel_metrics = datamodule.has_pixel_ground_truth()
     if not pixel_metrics:
         log.warning("The defective test images have no masks: image metrics only, no pixel metrics.")
     settings = cfg.evaluation
-    evaluator = Evaluator(pixel_metrics, settings.aupro_fpr_limit, settings.exact_pixel_limit,
-                          settings.histogram_bins, part_numbers(datamodule.test_samples))  # fmt: skip
+    categories = list(dict.fromkeys(sample.category for sample in datamodule.test_samples))
+    evaluator = CategoryEvaluators(categories, pixel_metrics, settings.aupro_fpr_limit,
+                                   settings.exact_pixel_limit, settings.histogram_bins,
+                                   part_numbers(datamodule.test_samples))  # fmt: skip
     thresholds = (calibration.threshold, calibration.pixel_threshold) if calibration else (None, None)
     examples = frozenset(spread(len(datamodule.test_samples), settings.num_examples))
     scoring = ScoringModule(model, evaluator, thresholds, examples)
@@ -417,11 +436,16 @@ def write_results(
     no_threshold: str | None = None,
 ) -> RunRecord:
     """``metrics.json``, the finished ``run.json`` and the run's row in the results database;
-    ``no_threshold``: why the run has no threshold (None: it has one)."""
+    ``no_threshold``: why the run has no threshold (None: it has one). A unified run (one model for several
+    categories) adds each category's metrics (``categories``) to its mean's."""
     summary = calibration.summary() if calibration else None
+    per_category = tested.per_category if datamodule.categories is not None else {}
     metrics = {**tested.metrics, **timings, "calibration": summary}
+    if per_category:
+        metrics["categories"] = per_category
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     record = run_record(cfg, "ok", run_id, metrics=tested.metrics)
+    record.category_metrics = per_category
     record.calibration = summary
     record.timings = timings
     record.skipped_files = [problem.describe() for problem in datamodule.bad_files]

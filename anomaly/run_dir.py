@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from anomaly.config import data_name
+from anomaly.config import data_name, protocol
 from anomaly.errors import ConfigError, describe_user_error
 from anomaly.methods.base import FitOnceModel
 from anomaly.reports.database import append_run
@@ -172,6 +172,7 @@ def run_record(
         shots=shots,
         shot_draw=None if shots is None else cfg.dataset.get("shot_draw", 0),
         run_id=run_id,
+        protocol=protocol(cfg),
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from anomaly.cli.runtime import report_user_errors
 from anomaly.errors import UserError
-from anomaly.reports.collect import FEW_SHOT, PER_CATEGORY, newest_per_combination, of_protocol, record_row
+from anomaly.reports.collect import FEW_SHOT, newest_per_combination, of_protocol, on_all_images, record_rows
 from anomaly.reports.database import DATABASE_FILE, read_runs
 from anomaly.reports.html import database_report_html
 from anomaly.reports.plots import save_learning_curves, save_plots
@@ -43,7 +43,7 @@ def write_report(source: Path, out_dir: Path) -> Path:
             f"No results database at {database}: anomaly-train appends every run to "
             f"<output root>/{DATABASE_FILE} (paths.results_db). Pass that folder or file."
         )
-    everything = [record_row(record, run_dir) for record, run_dir in read_runs(database)]
+    everything = [row for record, run_dir in read_runs(database) for row in record_rows(record, run_dir)]
     if not everything:
         raise UserError(f"{database} holds no runs yet.")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def write_report(source: Path, out_dir: Path) -> Path:
         # variants per data set: its own settings (e.g. a generated set's size) are not a method variant
         subset, repeats = newest_per_combination([row for row in everything if row["dataset"] == dataset])
         notes = [f"Ignored {len(repeats)} older run(s) of a combination run again."] if repeats else []
-        if per_category := of_protocol(subset, PER_CATEGORY):
+        if per_category := on_all_images(subset):
             rows += per_category
             tables = summary_tables(per_category)
             markdown = summary_markdown(per_category, tables, notes, title=f"{dataset}: results")

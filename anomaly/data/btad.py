@@ -20,3 +20,4 @@ class BTAD(MVTecAD):
     """One product of BTAD."""
 
     layout = BTAD_LAYOUT
+    known_categories = BTAD_CATEGORIES

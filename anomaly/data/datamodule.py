@@ -10,6 +10,7 @@ before any work, the counts logged, the *calibration images* (normal images the 
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,6 +38,7 @@ from anomaly.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 BAD_FILE_POLICIES = ("error", "skip")
+ALL_CATEGORIES = "all"  # dataset.category=all: every category the data set knows, one model for all
 
 
 class Splits(NamedTuple):
@@ -178,6 +180,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.unlabeled: dict[str, list[Sample]] = {}  # test sets without ground truth (unlabeled_sets)
         self.skipped: list[SkippedFile] = []  # seen and not used: other extensions, hidden files, ...
         self.bad_files: list[Problem] = []  # failed the data check and left out (on_bad_file=skip)
+        self.categories: tuple[str, ...] | None = None  # a unified run's (one model for several); else None
 
     @property
     def name(self) -> str:
@@ -376,13 +379,111 @@ class AnomalyDataModule(pl.LightningDataModule):
 
 
 class CategoryDataModule(AnomalyDataModule):
-    """One category of a benchmark: ``root`` holds the data set, ``category`` names the part."""
+    """One category of a benchmark (``category="bottle"``), or several fitted as one model: the unified
+    protocol (UniAD, ADer, Dinomaly), ``category=[bottle, cable]`` or ``category=all`` (every one of
+    :attr:`known_categories`). ``root`` holds the data set.
 
-    def __init__(self, root: str, category: str, **loader_options) -> None:
+    A source lists one category in :meth:`load_category`; a unified run lists each of its categories
+    there and tags every sample with its category (``Sample.category``), so that testing evaluates each
+    category on its own while the model fits on the union of their training images and one calibration
+    covers the union of their calibration images. Images of every category are preprocessed alike, to one
+    size (:func:`check_one_size`), so that batches mixing categories stack.
+    """
+
+    known_categories: tuple[str, ...] = ()  # what category=all names: the data set's published categories
+
+    def __init__(self, root: str, category: str | Sequence[str], **loader_options) -> None:
         super().__init__(**loader_options)
         self.root = Path(root).expanduser()
-        self.category = category
+        self.categories = unified_categories(category, self.known_categories)  # None: one category
+        self.category = category_name(category)
+        if self.categories is not None:
+            check_one_size(self.preprocessing)
 
     @property
     def name(self) -> str:
         return self.category
+
+    def load_category(self, category: str) -> Splits:
+        """One category's samples; appends the files it saw and does not use to ``self.skipped``."""
+        raise NotImplementedError
+
+    def available_categories(self) -> list[str]:
+        """The categories this source can list under ``root`` (checked before a unified run lists any)."""
+        raise NotImplementedError
+
+    def load_samples(self) -> Splits:
+        if self.categories is None:
+            return tagged(self.load_category(self.category), self.category)
+        available = self.available_categories()
+        if missing := [category for category in self.categories if category not in available]:
+            raise DataError(
+                f"dataset.category names {', '.join(repr(c) for c in missing)}, which {self.root} does not "
+                f"hold; it holds: {', '.join(available) or 'nothing'}. Fix the list (dataset.category=["
+                f"{','.join(c for c in self.categories if c in available) or '<category>,...'}]) or pass "
+                "dataset.category=all for all of the data set's categories."
+            )
+        parts = [tagged(self.load_category(category), category) for category in self.categories]
+        return Splits(*([sample for part in parts for sample in part[i]] for i in range(3)))
+
+    def summary(self) -> str:
+        """The counts of :meth:`AnomalyDataModule.summary`, and per category in a unified run."""
+        if self.categories is None:
+            return super().summary()
+        counts = {category: [0, 0] for category in self.categories}
+        for samples, column in ((self.train_samples, 0), (self.test_samples, 1)):
+            for sample in samples:
+                counts[sample.category][column] += 1
+        per_category = ", ".join(f"{c} {train}/{test}" for c, (train, test) in counts.items())
+        return f"{super().summary()}\n  per category (train/test images): {per_category}"
+
+
+def unified_categories(category: object, known: Sequence[str]) -> tuple[str, ...] | None:
+    """The categories of a unified run (``dataset.category`` a list, or ``all``: ``known``); None for one
+    category (a plain name). An empty list, a repeated name or a name that is not text is a ConfigError."""
+    if isinstance(category, str):
+        if category != ALL_CATEGORIES:
+            return None
+        if not known:
+            raise ConfigError(
+                "dataset.category=all needs a data set that knows its categories; this one does not: "
+                "name them, dataset.category=[<category>,<category>,...]"
+            )
+        return tuple(known)
+    if not isinstance(category, Sequence) or not all(isinstance(c, str) and c for c in category):
+        raise ConfigError(
+            f"dataset.category must be a category name, a list of names or all, got {category!r}"
+        )
+    hint = f" (this data set's: {', '.join(known)})" if known else ""
+    if not category:
+        raise ConfigError(
+            "dataset.category=[] names no category: name one (dataset.category=<category>), several "
+            f"(dataset.category=[<category>,<category>]) or all{hint}"
+        )
+    if repeated := sorted({c for c in category if list(category).count(c) > 1}):
+        raise ConfigError(f"dataset.category names {', '.join(repeated)} more than once: name each once")
+    return tuple(category)
+
+
+def category_name(category: str | Sequence[str]) -> str:
+    """What a run's categories are called in folder names, logs and records: the category, ``all``, or
+    the listed names joined by ``+`` (``fabric+tile+washer``)."""
+    return category if isinstance(category, str) else "+".join(category)
+
+
+def check_one_size(preprocessing: Preprocessing) -> None:
+    """A unified run needs one image size for every category, so that batches mixing them stack: an int
+    ``image_size`` keeps each image's aspect ratio, and is refused without a crop."""
+    if preprocessing.output_size is None:
+        raise ConfigError(
+            "A run over several categories needs one image size for all of them, so that their images batch "
+            f"together; dataset.image_size={preprocessing.image_size} with dataset.crop_size=null keeps each "
+            "image's aspect ratio. Pass dataset.image_size=[<height>,<width>] (every image resized to "
+            "it exactly) or dataset.crop_size=<side> (the shorter side resized to image_size, then a "
+            "centred square crop)."
+        )
+
+
+def tagged(splits: Splits, category: str) -> Splits:
+    """``splits`` with every sample tagged with ``category``."""
+    return Splits(*([replace(sample, category=category) for sample in part] for part in splits))

@@ -24,10 +24,10 @@ log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
-    """``{"image", "mask", "label", "path", "index"}`` per sample: image ``[3, H, W]`` float in [0, 1] and
-    mask ``[1, H, W]`` uint8 0/1 (zeros without ground truth), transformed jointly so that they stay aligned;
-    ``index`` is the sample's position in ``samples``, by which scoring finds it whichever process's block
-    it came in.
+    """``{"image", "mask", "label", "path", "index", "category"}`` per sample: image ``[3, H, W]`` float in
+    [0, 1] and mask ``[1, H, W]`` uint8 0/1 (zeros without ground truth), transformed jointly so that they
+    stay aligned; ``index`` is the sample's position in ``samples``, by which scoring finds it whichever
+    process's block it came in; ``category`` the sample's (a unified run evaluates each category apart).
 
     ``with_masks=False``: ``{"image", "label", "path", "index"}`` with ``transform(image)`` only (generic
     image folders: EfficientAD's penalty images, teacher distillation). ``keep_errors=True``: an unreadable
@@ -68,7 +68,7 @@ class ImageDataset(Dataset):
             mask = read_mask(sample.mask_path, sample.image_path, (width, height))
         image, mask = self.transform(image, tv_tensors.Mask(mask))
         return {"image": _plain(image), "mask": _plain(mask), "label": sample.label, "path": path,
-                "index": index}  # fmt: skip
+                "index": index, "category": sample.category}  # fmt: skip
 
 
 def _plain(value):

@@ -54,12 +54,9 @@ def layout_samples(
 
     A defective image's mask path is set even when the file is missing: the data check reports it.
     """
-    if not root.is_dir():
-        what = "is a file, not the data set's folder" if root.exists() else "does not exist"
-        raise DataError(f"Data root {root} {what}: set dataset.root to the data set's folder. {layout.hint}")
     category_dir = root / category
     if not category_dir.is_dir():
-        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        found = category_folders(root, layout)
         raise DataError(f"Category '{category}' not found: expected folder {category_dir} (found: "
                         f"{', '.join(found) or 'nothing'}). {layout.hint}")  # fmt: skip
     train = _normal_samples(category_dir / layout.train, "Training images", layout, skipped)
@@ -96,6 +93,14 @@ def layout_samples(
     return Splits(train, test, calibration)
 
 
+def category_folders(root: Path, layout: Layout) -> list[str]:
+    """The category folders under the data set's ``root`` (sorted, hidden ones left out)."""
+    if not root.is_dir():
+        what = "is a file, not the data set's folder" if root.exists() else "does not exist"
+        raise DataError(f"Data root {root} {what}: set dataset.root to the data set's folder. {layout.hint}")
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _normal_samples(
     folder: Path, what: str, layout: Layout, skipped: list[SkippedFile] | None
 ) -> list[Sample]:
@@ -113,9 +118,13 @@ def _masks(folder: Path, layout: Layout, skipped: list[SkippedFile] | None) -> d
 
 
 class MVTecAD(CategoryDataModule):
-    """One category of MVTec AD (or of any data set laid out like it)."""
+    """One category of MVTec AD (or of any data set laid out like it), or several for one model."""
 
     layout = MVTEC_AD
+    known_categories = MVTEC_CATEGORIES
 
-    def load_samples(self) -> Splits:
-        return layout_samples(self.root, self.category, self.layout, self.skipped)
+    def load_category(self, category: str) -> Splits:
+        return layout_samples(self.root, category, self.layout, self.skipped)
+
+    def available_categories(self) -> list[str]:
+        return category_folders(self.root, self.layout)

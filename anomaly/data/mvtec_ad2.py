@@ -27,6 +27,7 @@ class MVTecAD2(MVTecAD):
     """One object of MVTec AD 2; its private test sets are written for the evaluation server."""
 
     layout = AD2_LAYOUT
+    known_categories = AD2_CATEGORIES
     submission_format = "mvtec_ad2"
 
     def __init__(self, root: str, category: str, **loader_options) -> None:
@@ -34,6 +35,11 @@ class MVTecAD2(MVTecAD):
         if self.preprocessing.crop_size is not None:
             raise ConfigError(
                 "MVTec AD 2's evaluation takes maps of whole images: use dataset.crop_size=null"
+            )
+        if self.categories is not None:
+            raise ConfigError(
+                "MVTec AD 2's private test sets are submitted per object, so a model per object: "
+                f"dataset.category must name one object, got {self.category}"
             )
 
     def unlabeled_sets(self) -> dict[str, list[Sample]]:

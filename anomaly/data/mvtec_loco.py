@@ -22,3 +22,4 @@ class MVTecLOCO(MVTecAD):
     """One category of MVTec LOCO AD."""
 
     layout = LOCO_LAYOUT
+    known_categories = LOCO_CATEGORIES

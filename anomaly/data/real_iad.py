@@ -76,8 +76,13 @@ class RealIAD(CategoryDataModule):
                               f"folders of the release), got {resolution!r}")  # fmt: skip
         self.split = split
 
-    def load_samples(self) -> Splits:
-        return real_iad_splits(self.root, self.category, self.resolution, self.split, self.skipped)
+    known_categories = REAL_IAD_OBJECTS  # category=all: one model for the 30 objects
+
+    def load_category(self, category: str) -> Splits:
+        return real_iad_splits(self.root, category, self.resolution, self.split, self.skipped)
+
+    def available_categories(self) -> list[str]:
+        return sorted(path.stem for path in split_folder(self.root, self.split).glob("*.json"))
 
 
 def real_iad_splits(
@@ -112,6 +117,20 @@ def real_iad_splits(
 
 def split_file(root: Path, split: str, category: str) -> Path:
     """``<root>/realiad_jsons/<split>/<category>.json`` (or ``<root>/<split>/...``): the split file."""
+    folder = split_folder(root, split)
+    path = folder / f"{category}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.json"))
+        raise DataError(
+            f"Unknown Real-IAD object '{category}': {path} does not exist ({folder} holds the split files "
+            f"of: {', '.join(known) or 'nothing'}). Set dataset.category to one of them "
+            f"(experiment=benchmark_real_iad runs all {len(REAL_IAD_OBJECTS)})."
+        )
+    return path
+
+
+def split_folder(root: Path, split: str) -> Path:
+    """``<root>/realiad_jsons/<split>`` (or ``<root>/<split>``): the folder of one split's files."""
     if not root.is_dir():
         what = "is a file, not the data set's folder" if root.exists() else "does not exist"
         raise DataError(f"Data root {root} {what}: set dataset.root to the folder holding Real-IAD. {HINT}")
@@ -125,15 +144,7 @@ def split_file(root: Path, split: str, category: str) -> Path:
             f"found: {', '.join(found) or 'none'}). Set dataset.split to one of them, or extract "
             f"realiad_jsons.zip into {root}. {HINT}"
         )
-    path = folder / f"{category}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in folder.glob("*.json"))
-        raise DataError(
-            f"Unknown Real-IAD object '{category}': {path} does not exist ({folder} holds the split files "
-            f"of: {', '.join(known) or 'nothing'}). Set dataset.category to one of them "
-            f"(experiment=benchmark_real_iad runs all {len(REAL_IAD_OBJECTS)})."
-        )
-    return path
+    return folder
 
 
 def read_split_file(path: Path) -> tuple[str, dict[str, list]]:

@@ -26,6 +26,7 @@ class Sample:
     defect_type: str  # "good" or the defect folder name
     sample_id: str | None = None  # the physical part it shows; None: the image is a part of its own
     view: int | None = None  # which camera of that part (Real-IAD: 1-5); None: a single view
+    category: str = ""  # the category it was listed for (a unified run tests each apart); "" without one
 
 
 @dataclass(frozen=True)

@@ -522,10 +522,12 @@ class SyntheticAD(MVTecAD):
     at 95 % confidence needs at least 299.
     """
 
+    known_categories = CATEGORIES
+
     def __init__(
         self,
         root: str,
-        category: str = "fabric",
+        category: str | Sequence[str] = "fabric",
         n_train: int = 60,
         n_test_good: int = 15,
         n_test_defect: int = 25,
@@ -546,6 +548,9 @@ class SyntheticAD(MVTecAD):
         if n_calibration:
             self.layout = replace(MVTEC_AD, calibration="validation/good")
 
-    def load_samples(self) -> Splits:
-        ensure_dataset(self.root, [self.category], **self.generation)
-        return super().load_samples()
+    def available_categories(self) -> list[str]:
+        return list(CATEGORIES)  # generated when listed
+
+    def load_category(self, category: str) -> Splits:
+        ensure_dataset(self.root, [category], **self.generation)
+        return super().load_category(category)

@@ -29,23 +29,29 @@ HINT = (
 
 
 class VisA(CategoryDataModule):
-    """One category of VisA, split as ``split_csv/1cls.csv`` says."""
+    """One category of VisA, split as ``split_csv/1cls.csv`` says, or several for one model."""
 
-    def load_samples(self) -> Splits:
+    known_categories = VISA_CATEGORIES
+
+    def available_categories(self) -> list[str]:
+        return sorted({row["object"] for row in read_split(self.root / SPLIT_FILE)})
+
+    def load_category(self, category: str) -> Splits:
         rows = read_split(self.root / SPLIT_FILE)
         categories = sorted({row["object"] for row in rows})
-        if self.category not in categories:
-            raise DataError(f"Category '{self.category}' is not in {self.root / SPLIT_FILE} (it lists: "
+        if category not in categories:
+            raise DataError(f"Category '{category}' is not in {self.root / SPLIT_FILE} (it lists: "
                             f"{', '.join(categories)}). {HINT}")  # fmt: skip
         train, test = [], []
         for line, row in enumerate(rows, start=2):
-            if row["object"] == self.category:
+            if row["object"] == category:
                 sample = self._sample(row, line)
                 (train if row["split"] == "train" else test).append(sample)
         if not train or not test:
             missing = "train" if not train else "test"
-            raise DataError(f"{self.root / SPLIT_FILE} has no '{missing}' rows for '{self.category}'. {HINT}")
-        self._skip_unlisted({s.image_path for s in train + test} | {s.mask_path for s in test if s.mask_path})
+            raise DataError(f"{self.root / SPLIT_FILE} has no '{missing}' rows for '{category}'. {HINT}")
+        listed = {s.image_path for s in train + test} | {s.mask_path for s in test if s.mask_path}
+        self._skip_unlisted(category, listed)
         return Splits(train, test)
 
     def _sample(self, row: dict[str, str], line: int) -> Sample:
@@ -61,9 +67,9 @@ class VisA(CategoryDataModule):
             raise DataError(f"{where}: the anomalous image {row['image']} has no mask path. {HINT}")
         return Sample(self.root / row["image"], label, mask, "anomaly" if label else "good")
 
-    def _skip_unlisted(self, listed: set[Path]) -> None:
+    def _skip_unlisted(self, category: str, listed: set[Path]) -> None:
         """Images and masks under the category folder that the split does not name: listed, not used."""
-        folder = self.root / self.category
+        folder = self.root / category
         if not folder.is_dir():
             raise DataError(f"Category folder {folder} not found (named by {self.root / SPLIT_FILE}). {HINT}")
         unlisted = (p for p in sorted(folder.rglob("*")) if p.is_file() and p not in listed)

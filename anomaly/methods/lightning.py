@@ -26,7 +26,7 @@ from anomaly.methods.base import (
     non_finite_error,
     non_finite_paths,
 )
-from anomaly.metrics import Evaluator
+from anomaly.metrics import CategoryEvaluators, mean_over_categories
 
 
 class DDPStrategy(pl.strategies.DDPStrategy):
@@ -103,16 +103,19 @@ class AnomalyModule(pl.LightningModule):
 
 
 class TestResult(NamedTuple):
-    """What testing returns: the metrics over every rank's images, and the heatmap examples."""
+    """What testing returns: the metrics over every rank's images (of several categories: their mean), each
+    category's, and the heatmap examples."""
 
     metrics: dict[str, float]
     examples: list[dict]  # image, mask, anomaly_map, score, label, path of the kept test images
+    per_category: dict[str, dict[str, float]]  # category -> its metrics
 
 
 class ScoringModule(pl.LightningModule):
     """Scores a fitted model's images: ``predict_step`` for calibration, the test loop for the metrics.
 
-    Built per use with everything it needs: the ``evaluator`` (the metrics' settings), the calibrated
+    Built per use with everything it needs: the ``evaluator`` (an evaluation per category that the batches
+    name; the metrics are their mean when there are several: the unified protocol), the calibrated
     ``thresholds`` (image, pixel; None: no decision metrics) and ``example_ids`` (test-set positions whose
     maps are kept for heatmaps); :attr:`result` holds what a test returned, once it ended.
     """
@@ -120,7 +123,7 @@ class ScoringModule(pl.LightningModule):
     def __init__(
         self,
         model: AnomalyModel,
-        evaluator: Evaluator | None = None,
+        evaluator: CategoryEvaluators | None = None,
         thresholds: tuple[float | None, float | None] = (None, None),
         example_ids: frozenset[int] = frozenset(),
     ) -> None:
@@ -153,9 +156,8 @@ class ScoringModule(pl.LightningModule):
         if bad := non_finite_paths(output, batch["path"]):  # raised at the end, on every rank at once
             self._non_finite += bad
             return
-        self.evaluator.update(
-            output.image_score, batch["label"], output.anomaly_map, batch["mask"], batch["index"]
-        )
+        self.evaluator.update(batch["category"], output.image_score, batch["label"], output.anomaly_map,
+                              batch["mask"], batch["index"])  # fmt: skip
         for i, index in enumerate(batch["index"].tolist()):  # positions in the test set
             if index in self.example_ids:
                 self._examples.append(
@@ -173,10 +175,15 @@ class ScoringModule(pl.LightningModule):
         collective = collective_of(self.trainer)
         if non_finite := collective.gather_objects(self._non_finite):
             raise non_finite_error(non_finite)
-        metrics = self.evaluator.compute(*self.thresholds, collective=collective)  # over all ranks
-        self.result = TestResult(metrics, collective.gather_objects(self._examples))
+        per_category = self.evaluator.compute(*self.thresholds, collective=collective)  # over all ranks
+        (only, *more) = per_category.values()
+        metrics = mean_over_categories(per_category) if more else only
+        self.result = TestResult(metrics, collective.gather_objects(self._examples), per_category)
         # identical on every rank (computed over all of them): syncing averages equal values
-        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=True)
+        logged = {f"test/{k}": v for k, v in metrics.items()}
+        if more:
+            logged |= {f"test/{c}/{k}": v for c, values in per_category.items() for k, v in values.items()}
+        self.log_dict(logged, sync_dist=True)
 
 
 class FitOnceModule(AnomalyModule):

@@ -2,6 +2,8 @@
 show parts from several views, accumulated batch by batch, all ranks."""
 
 import logging
+from collections.abc import Sequence
+from statistics import mean
 
 import torch
 from torch import Tensor
@@ -126,6 +128,18 @@ class Evaluator:
         if self._histogram is None and self._num_pixels > self.exact_pixel_limit:
             self._count_into_histogram()
 
+    @property
+    def num_pixels(self) -> int:
+        """Map pixels collected so far on this rank."""
+        return self._num_pixels
+
+    def count_into_histogram(self) -> None:
+        """Pixel metrics from the histogram from now on, as with ``exact_pixel_limit=0``: the maps held so
+        far are counted into it (:class:`CategoryEvaluators`, whose categories share one pixel budget)."""
+        self.exact_pixel_limit = 0
+        if self._histogram is None and self._maps:
+            self._count_into_histogram()
+
     def _count_into_histogram(self) -> None:
         """Moves the maps and masks held so far into a histogram, which counts every later batch too."""
         self._histogram, start = PixelHistogram(self.histogram_bins), 0
@@ -238,6 +252,90 @@ class Evaluator:
             metrics["pixel_threshold"] = pixel_threshold
             metrics.update(histogram.decisions(pixel_threshold))
         return metrics
+
+
+class CategoryEvaluators:
+    """The test metrics of each category (a unified run: one model for several), an :class:`Evaluator`
+    each: its AUROCs, AUPRO, F1-max and, at the run's one calibrated threshold, its precision, recall and
+    false-alarm rate observed on its own good test images.
+
+    The categories share one pixel budget: their pixel metrics are exact while the maps of all of them
+    together stay within ``exact_pixel_limit`` (the memory of a one-category run), else every category's
+    come from its histogram, with error bounds. One category is exactly an :class:`Evaluator`.
+    """
+
+    def __init__(
+        self,
+        categories: Sequence[str],
+        compute_pixel_metrics: bool = True,
+        aupro_fpr_limit: float = 0.3,
+        exact_pixel_limit: int = DEFAULT_EXACT_PIXEL_LIMIT,
+        histogram_bins: int = DEFAULT_BINS,
+        part_ids: Tensor | None = None,
+    ) -> None:
+        if not categories:
+            raise ValueError("CategoryEvaluators needs at least one category")
+        self.exact_pixel_limit = exact_pixel_limit
+        self.evaluators = {  # part_ids by position in the whole test set: each category finds its own
+            category: Evaluator(compute_pixel_metrics, aupro_fpr_limit, exact_pixel_limit, histogram_bins,
+                                part_ids)  # fmt: skip
+            for category in categories
+        }
+
+    def update(
+        self,
+        categories: Sequence[str],
+        image_scores: Tensor,
+        labels: Tensor,
+        anomaly_maps: Tensor | None = None,
+        masks: Tensor | None = None,
+        indices: Tensor | None = None,
+    ) -> None:
+        """Adds one batch, each image to its category's evaluator; ``categories``: one name per image, the
+        tensors as :meth:`Evaluator.update` takes them."""
+        names = list(categories)
+        if len(set(names)) == 1:
+            self.evaluators[names[0]].update(image_scores, labels, anomaly_maps, masks, indices)
+        else:
+            for category in dict.fromkeys(names):
+                rows = torch.tensor([name == category for name in names])
+                batch = (image_scores, labels, anomaly_maps, masks, indices)
+                self.evaluators[category].update(
+                    *(None if t is None else t[rows.to(t.device)] for t in batch)
+                )
+        if sum(evaluator.num_pixels for evaluator in self.evaluators.values()) > self.exact_pixel_limit:
+            self._count_into_histograms()
+
+    def compute(
+        self,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        collective: Collective = LOCAL,
+    ) -> dict[str, dict[str, float]]:
+        """{category: its metrics (:meth:`Evaluator.compute`)} over every rank of ``collective`` (each rank
+        calls it, with every category, whether or not it held images of it)."""
+        pixels = sum(evaluator.num_pixels for evaluator in self.evaluators.values())
+        if collective.sum(torch.tensor(float(pixels), dtype=torch.float64)) > self.exact_pixel_limit:
+            self._count_into_histograms()
+        return {
+            category: evaluator.compute(threshold, pixel_threshold, collective)
+            for category, evaluator in self.evaluators.items()
+        }
+
+    def _count_into_histograms(self) -> None:
+        for evaluator in self.evaluators.values():
+            evaluator.count_into_histogram()
+
+
+NOT_AVERAGED = ("image_f1_threshold",)  # each category's own best threshold, chosen on its test set
+
+
+def mean_over_categories(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The unified protocol's headline numbers: each metric's mean over the categories (the run's one
+    threshold stays itself; an error bound's mean bounds the mean's error), except :data:`NOT_AVERAGED`."""
+    metrics = list(per_category.values())
+    keys = [key for key in metrics[0] if key not in NOT_AVERAGED and all(key in m for m in metrics)]
+    return {key: mean(m[key] for m in metrics) for key in keys}
 
 
 def f1_max(scores: Tensor, labels: Tensor) -> tuple[float, float]:

@@ -5,9 +5,9 @@ from pathlib import Path
 from anomaly.metrics.registry import reported_metrics
 from anomaly.reports.records import RECORD_FILE, RunRecord
 
-RUN_COLUMNS = ("method", "backbone", "variant", "dataset", "category", "seed", "status", "protocol", "shots",
+RUN_COLUMNS = ("method", "backbone", "variant", "protocol", "dataset", "category", "seed", "status", "shots",
                "shot_draw")  # fmt: skip
-PER_CATEGORY, FEW_SHOT = "per-category", "few-shot"  # RunRecord.protocol
+PER_CATEGORY, UNIFIED, FEW_SHOT = "per-category", "unified", "few-shot"  # RunRecord.protocol
 TIMING_COLUMNS = ("fit_seconds", "test_seconds", "peak_rss_mb")
 
 
@@ -17,14 +17,28 @@ def columns() -> tuple[str, ...]:
     return (*RUN_COLUMNS, *(metric.key for metric in reported_metrics()), *TIMING_COLUMNS, "run_dir", "error")
 
 
-def read_row(run_dir: Path) -> dict | None:
-    """One row from a run dir's record; None when it holds none."""
+def read_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run dir's record (:func:`record_rows`); none when it holds none."""
     record = RunRecord.read(run_dir)
-    return None if record is None else record_row(record, run_dir)
+    return [] if record is None else record_rows(record, run_dir)
+
+
+def record_rows(record: RunRecord, run_dir: Path) -> list[dict]:
+    """A run's record as table rows: one, or a unified run's one per category (its category's metrics;
+    the timings are the whole run's), so that the category tables show it beside the runs of a model per
+    category (:func:`method_label` tells them apart by protocol)."""
+    row = record_row(record, run_dir)
+    if not record.category_metrics:
+        return [row]
+    measured = {key for metrics in record.category_metrics.values() for key in metrics}
+    shared = {key: value for key, value in row.items() if key not in measured}
+    return [
+        {**shared, "category": category, **metrics} for category, metrics in record.category_metrics.items()
+    ]
 
 
 def record_row(record: RunRecord, run_dir: Path) -> dict:
-    """A run's record as a table row."""
+    """A run's record as one table row (a unified run's: the mean over its categories)."""
     row = {
         "method": record.method,
         "backbone": record.backbone or "",
@@ -55,7 +69,7 @@ def collect_runs(folder: Path) -> tuple[list[dict], list[dict]]:
     another folder), the newest counts; the others are returned as repeats.
     """
     run_dirs = sorted({path.parent for path in folder.rglob(RECORD_FILE)})
-    rows = [row for run_dir in run_dirs if (row := read_row(run_dir))]
+    rows = [row for run_dir in run_dirs for row in read_rows(run_dir)]
     rows.sort(key=lambda r: (Path(r["run_dir"]) / RECORD_FILE).stat().st_mtime)
     return newest_per_combination(rows)
 
@@ -85,8 +99,14 @@ def repeat(row: dict) -> tuple[int, int]:
 
 
 def of_protocol(rows: list[dict], protocol: str) -> list[dict]:
-    """The rows of one protocol (RunRecord.protocol); the reports show each apart."""
+    """The rows of one protocol (RunRecord.protocol); the reports show few-shot runs apart."""
     return [row for row in rows if row.get("protocol", PER_CATEGORY) == protocol]
+
+
+def on_all_images(rows: list[dict]) -> list[dict]:
+    """The rows of models fitted on all normal training images: a model per category and unified models,
+    which the category tables show side by side (:func:`method_label` tells them apart)."""
+    return [row for row in rows if row.get("protocol", PER_CATEGORY) != FEW_SHOT]
 
 
 def add_variants(rows: list[dict]) -> None:
@@ -119,5 +139,9 @@ def one_line(text: str, limit: int = 400) -> str:
 
 
 def method_label(row: dict) -> str:
+    """The method, its backbone, its variant and whether one model serves several categories: what a
+    table's column is (``patchcore (resnet18) [coreset_ratio=0.01] · unified``). Few-shot runs keep the
+    plain label: their own tables set them beside the same method's runs on all images."""
     label = f"{row['method']} ({row['backbone']})" if row["backbone"] else row["method"]
-    return f"{label} [{row['variant']}]" if row.get("variant") else label
+    label = f"{label} [{row['variant']}]" if row.get("variant") else label
+    return f"{label} · {UNIFIED}" if row.get("protocol") == UNIFIED else label

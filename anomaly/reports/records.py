@@ -17,11 +17,11 @@ class RunRecord:
     method: str  # the method's name (configs/method)
     backbone: str | None  # the backbone's name, None for a method without one (EfficientAD)
     dataset: str  # the data set config (mvtec, folder, synthetic, ...)
-    category: str  # the category, or the data folder's name
+    category: str  # the category (a unified run's: joined by "+", or "all"), or the data folder's name
     seed: int
     status: str  # "ok" or "failed"
     variant: list[str] = field(default_factory=list)  # the run's command-line settings beyond the table axes
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # a unified run's: the mean over its categories
     timings: dict[str, float] = field(default_factory=dict)  # fit_seconds, test_seconds, peak_rss_mb
     error: str | None = None  # the failure, one line
     skipped_files: list[str] = field(default_factory=list)  # left out by dataset.on_bad_file=skip
@@ -38,6 +38,8 @@ class RunRecord:
     threshold_note: str | None = None  # why the run has no threshold (None: it has one, or it failed first)
     # the run's own id, its key in the results database (a run dir can hold a later run: force=true)
     run_id: str = field(default_factory=lambda: uuid4().hex)
+    protocol: str = "per-category"  # "per-category": a model per category; "unified": one for several
+    category_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # unified: each category's
 
     def write(self, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)

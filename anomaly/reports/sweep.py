@@ -17,7 +17,7 @@ import yaml
 from omegaconf import DictConfig
 
 from anomaly.metrics.registry import Metric
-from anomaly.reports.collect import PER_CATEGORY, collect_runs, of_protocol
+from anomaly.reports.collect import collect_runs, on_all_images
 from anomaly.reports.html import report_html
 from anomaly.reports.plots import save_learning_curves, save_plots
 from anomaly.reports.tables import Table, few_shot_tables, summary_markdown, summary_tables, write_results_csv
@@ -30,13 +30,14 @@ def write_reports(
     sweep_dir: Path, notes: Sequence[str] = ()
 ) -> tuple[list[dict], dict[Metric, Table], list[Path]]:
     """results.csv, summary.md, plots/ and report.html into ``sweep_dir``; returns (rows, tables, plots).
-    Each protocol gets its own tables: one model per category (``tables``), few-shot (k × draws)."""
+    Models on all training images (one per category, and unified ones beside them) get ``tables``; few-shot
+    runs (k × draws) their own."""
     rows, repeats = collect_runs(sweep_dir)
     if repeats:
         notes = [*notes, f"Ignored {len(repeats)} older run(s) of a combination that was run again: "
                  + ", ".join(Path(r["run_dir"]).name for r in repeats)]  # fmt: skip
     write_results_csv(rows, sweep_dir / "results.csv")
-    per_category = of_protocol(rows, PER_CATEGORY)
+    per_category = on_all_images(rows)
     tables = summary_tables(per_category) if per_category else {}
     few_shot = few_shot_tables(rows)
     (sweep_dir / "summary.md").write_text(summary_markdown(rows, tables, notes, few_shot=few_shot))

@@ -87,14 +87,17 @@ def load_references() -> dict:
 
 def applicable_reference(references: dict, rows: list[dict]) -> dict:
     """The paper's {metric: {category: value}} for one method label, if all its runs are comparable: the
-    paper's data set and backbone (a published WRN50 number says little about our Lite0 runs)."""
+    paper's data set, backbone (a published WRN50 number says little about our Lite0 runs) and protocol
+    (``protocol`` in paper_results.yaml, default a model per category)."""
     dataset = rows[0]["dataset"]
     reference = references.get(dataset, {}).get(rows[0]["method"], {})
     backbone = reference.get("backbone") or ""
+    protocol = reference.get("protocol", "per-category")
     settings = {key: str(value) for key, value in (reference.get("settings") or {}).items()}
     comparable = all(
         r["dataset"] == dataset
         and r["backbone"] == backbone
+        and r.get("protocol", "per-category") == protocol
         and all(r["overrides"].get(key, value) == value for key, value in settings.items())
         for r in rows
     )
@@ -278,7 +281,7 @@ def summary_markdown(
             if r["status"] != "ok"
         ]
         lines.append("")
-    lines += reference_sources(of_protocol(rows, PER_CATEGORY))  # the few-shot tables show none
+    lines += reference_sources(on_all_images(rows))  # the few-shot tables show none
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@ with the path when the layout is wrong, and run end to end."""
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,31 @@ def test_visa_is_read_as_released(visa_root):
     batch = next(iter(data.test_dataloader()))
     defective = batch["label"] == 1
     assert batch["mask"][defective].sum() > 0 and batch["mask"][~defective].sum() == 0  # class id 1 counts
+
+
+def test_visa_lists_several_categories_for_one_model_from_its_split_file(visa_root):
+    """The unified protocol: each category's rows of 1cls.csv, tagged with it; a category the file does not
+    list is named with those it does."""
+    shutil.copytree(visa_root / "candle", visa_root / "pcb1")
+    split = visa_root / "split_csv" / "1cls.csv"
+    rows = list(csv.reader(split.open()))
+    pcb1 = [
+        ["pcb1", row[1], row[2], *(p.replace("candle/", "pcb1/", 1) for p in row[3:])] for row in rows[1:]
+    ]
+    with split.open("w", newline="") as file:
+        csv.writer(file).writerows([*rows, *pcb1])
+    data = VisA(str(visa_root), ["candle", "pcb1"], **{**LOADER, "image_size": [64, 64]})
+    data.setup()
+    assert [s.category for s in data.train_samples] == ["candle"] * 7 + ["pcb1"] * 7
+    assert [s.category for s in data.test_samples] == ["candle"] * 7 + ["pcb1"] * 7
+    assert all(s.image_path.parts[-5] == s.category for s in data.train_samples + data.test_samples)
+    with pytest.raises(DataError, match=r"names 'fryum', which .* does not hold; it holds: candle, pcb1"):
+        VisA(str(visa_root), ["candle", "fryum"], **{**LOADER, "image_size": [64, 64]}).setup()
+
+
+def test_mvtec_ad2_refuses_one_model_for_several_objects(ad2_root):
+    with pytest.raises(ConfigError, match=r"submitted per object.*got vial\+can"):
+        MVTecAD2(str(ad2_root), ["vial", "can"], **{**LOADER, "image_size": [64, 64]})
 
 
 def test_visa_layout_errors_name_the_path(visa_root, tmp_path):

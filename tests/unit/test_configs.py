@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from anomaly.backbones import FeatureExtractor
-from anomaly.config import config_dir
+from anomaly.config import config_dir, protocol
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.synthetic import BENCHMARK_CATEGORIES as SYNTHETIC_BENCHMARK
 from anomaly.data.synthetic import CATEGORIES as SYNTHETIC_CATEGORIES
@@ -110,9 +110,25 @@ def test_every_logger_and_the_trainer_build(logger, tmp_path):
 
 @pytest.mark.parametrize("experiment", GROUPS["experiment"])
 def test_every_experiment_composes_and_builds_its_dataset(experiment):
+    """A benchmark sweeps the categories, a model each; a unified experiment fits one on all of them."""
     cfg = compose_train([f"experiment={experiment}", "dataset.root=/nowhere"])
-    assert cfg.hydra.sweeper.params["dataset.category"]
+    if experiment.startswith("unified_"):
+        assert protocol(cfg) == "unified" and "dataset.category" not in (cfg.hydra.sweeper.params or {})
+    else:
+        assert cfg.hydra.sweeper.params["dataset.category"]
     assert isinstance(instantiate(cfg.dataset), AnomalyDataModule)
+
+
+@pytest.mark.parametrize("name", ["mvtec", "visa", "synthetic"])
+def test_a_unified_experiment_fits_one_model_on_its_benchmarks_categories(name):
+    """``all`` is the data set's categories, the generated one lists its benchmark's; the runs go into the
+    per-category benchmark's folder (under unified/), so that its report shows both protocols."""
+    cfg = compose_train([f"experiment=unified_{name}", "dataset.root=/nowhere"])
+    data = instantiate(cfg.dataset)
+    benchmark = compose_train([f"experiment=benchmark_{name}", "dataset.root=/nowhere"])
+    swept = str(benchmark.hydra.sweeper.params["dataset.category"]).split(",")
+    assert list(data.categories) == swept and cfg.hydra.runtime.choices.dataset == name
+    assert cfg.hydra.sweep.dir == benchmark.hydra.sweep.dir and cfg.hydra.sweep.subdir.startswith("unified/")
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARK_CATEGORIES))
