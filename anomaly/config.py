@@ -68,9 +68,13 @@ def data_name(cfg: DictConfig) -> str:
 
 
 def protocol(cfg: DictConfig) -> str:
-    """The evaluation protocol a run follows (``RunRecord.protocol``): ``unified`` when one model fits
-    several categories (``dataset.category`` a list, or ``all``), else ``per-category``."""
-    category = (cfg.get("dataset") or {}).get("category")
+    """The evaluation protocol a run follows (``RunRecord.protocol``): ``few-shot`` when it fits on k
+    images (``dataset.shots``), ``unified`` when one model fits several categories (``dataset.category`` a
+    list, or ``all``), else ``per-category``."""
+    dataset = cfg.get("dataset") or {}
+    if dataset.get("shots") is not None:
+        return "few-shot"
+    category = dataset.get("category")
     listed = isinstance(category, Sequence) and not isinstance(category, str)
     return "unified" if listed or category == ALL_CATEGORIES else "per-category"
 

@@ -168,7 +168,6 @@ def run_record(
         metrics=metrics or {},
         error=error,
         wandb={"project": logger.project, "offline": logger.offline} if logger else None,
-        protocol="per-category" if shots is None else "few-shot",
         shots=shots,
         shot_draw=None if shots is None else cfg.dataset.get("shot_draw", 0),
         run_id=run_id,

@@ -399,6 +399,12 @@ class CategoryDataModule(AnomalyDataModule):
         self.category = category_name(category)
         if self.categories is not None:
             check_one_size(self.preprocessing)
+            if self.shots is not None:
+                raise ConfigError(
+                    f"dataset.shots={self.shots} with several categories ({self.category}): few-shot runs "
+                    "fit one category each. Sweep the categories instead (dataset.category=a,b -m) or "
+                    "drop dataset.shots for one model on all their images."
+                )
 
     @property
     def name(self) -> str:

@@ -276,11 +276,9 @@ class CategoryEvaluators:
         if not categories:
             raise ValueError("CategoryEvaluators needs at least one category")
         self.exact_pixel_limit = exact_pixel_limit
-        self.evaluators = {  # part_ids by position in the whole test set: each category finds its own
-            category: Evaluator(compute_pixel_metrics, aupro_fpr_limit, exact_pixel_limit, histogram_bins,
-                                part_ids)  # fmt: skip
-            for category in categories
-        }
+        settings = (compute_pixel_metrics, aupro_fpr_limit, exact_pixel_limit, histogram_bins, part_ids)
+        # part_ids by position in the whole test set: each category's evaluator finds its own images'
+        self.evaluators = {category: Evaluator(*settings) for category in categories}
 
     def update(
         self,

@@ -21,6 +21,7 @@ from anomaly.reports.collect import (
     columns,
     method_label,
     of_protocol,
+    on_all_images,
     one_line,
     repeat,
 )
