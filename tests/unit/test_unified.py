@@ -94,6 +94,11 @@ def test_an_empty_or_repeating_category_list_is_refused(two_sizes, category, exp
         MVTecAD(str(two_sizes), category, image_size=[16, 16], crop_size=None)
 
 
+def test_a_few_shot_run_over_several_categories_is_refused_with_the_fix(two_sizes):
+    with pytest.raises(ConfigError, match=r"dataset.shots=2 with several categories.*dataset.category=a,b -m"):
+        MVTecAD(str(two_sizes), ["wide", "square"], image_size=[16, 16], crop_size=None, shots=2)
+
+
 def test_all_is_every_category_the_data_set_knows(tmp_path):
     assert MVTecAD(str(tmp_path), "all", image_size=[16, 16]).categories == MVTEC_CATEGORIES
     generated = SyntheticAD(str(tmp_path), "all", image_size=[16, 16], crop_size=None)
@@ -106,6 +111,7 @@ def test_the_run_is_named_and_recorded_by_its_categories():
     assert protocol(OmegaConf.create({"dataset": {"category": "all"}})) == "unified"
     one = OmegaConf.create({"dataset": {"category": "fabric"}})
     assert data_name(one) == "fabric" and protocol(one) == "per-category"
+    assert protocol(OmegaConf.create({"dataset": {"category": "fabric", "shots": 4}})) == "few-shot"
 
 
 def category_batches(
