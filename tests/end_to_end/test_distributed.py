@@ -69,9 +69,26 @@ def small(small_data_overrides) -> list[str]:
     return [*small_data_overrides, "dataset.n_train=17", "dataset.n_test_good=7", "dataset.batch_size=4"]
 
 
+@pytest.fixture(scope="module")
+def one_process(small, data_dir, tmp_path_factory):
+    """``one_process(method)`` -> (metrics.json, model tensors, run dir) of the one-process run of a fit-once
+    method: the reference of every multi-process run here, fitted once per module."""
+    runs: dict[str, tuple[dict, dict, Path]] = {}
+
+    def get(method: str) -> tuple[dict, dict, Path]:
+        if method not in runs:
+            run_dir = tmp_path_factory.mktemp(f"one-{method}") / "run"
+            runs[method] = (*finished(train(run_dir, data_dir, small, f"method={method}"), run_dir), run_dir)
+        return runs[method]
+
+    return get
+
+
 @pytest.mark.parametrize("method", ["padim", "patchcore"])
-def test_a_fit_once_method_on_two_processes_fits_what_one_fits(method, small, data_dir, tmp_path):
-    one = finished(train(tmp_path / "one", data_dir, small, f"method={method}"), tmp_path / "one")
+def test_a_fit_once_method_on_two_processes_fits_what_one_fits(
+    method, one_process, small, data_dir, tmp_path
+):
+    one = one_process(method)
     two = finished(train(tmp_path / "two", data_dir, small, f"method={method}", *TWO_PROCESSES),
                    tmp_path / "two")  # fmt: skip
     if method == "padim":  # the same statistics up to float32 rounding (each rank sums its own images)
@@ -82,7 +99,7 @@ def test_a_fit_once_method_on_two_processes_fits_what_one_fits(method, small, da
     else:
         assert torch.equal(one[1]["memory_bank"], two[1]["memory_bank"])  # the same coreset, row for row
     assert_same_metrics(one[0], two[0])
-    records = [json.loads((tmp_path / run / "run.json").read_text()) for run in ("one", "two")]
+    records = [json.loads((run_dir / "run.json").read_text()) for run_dir in (one[2], tmp_path / "two")]
     examples = [record["sample_images"] for record in records]  # found by the position each batch carries
     assert examples[0] == examples[1] and len(examples[0]) > 1
     calibration_one, calibration_two = one[0]["calibration"], two[0]["calibration"]
@@ -110,8 +127,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_nodes_by_torchrun_give_the_same_patchcore_bank(small, data_dir, tmp_path):
-    one = finished(train(tmp_path / "one", data_dir, small, "method=patchcore"), tmp_path / "one")
+def test_two_nodes_by_torchrun_give_the_same_patchcore_bank(one_process, small, data_dir, tmp_path):
+    one = one_process("patchcore")
     run_dir, port = tmp_path / "nodes", free_port()
     arguments = [*FAST, *small, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", "method=patchcore",
                  "trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2"]  # fmt: skip
