@@ -95,7 +95,7 @@ def test_an_empty_or_repeating_category_list_is_refused(two_sizes, category, exp
 
 
 def test_a_few_shot_run_over_several_categories_is_refused_with_the_fix(two_sizes):
-    with pytest.raises(ConfigError, match=r"dataset.shots=2 with several categories.*dataset.category=a,b -m"):
+    with pytest.raises(ConfigError, match=r"dataset.shots=2 with several categories.*category=a,b -m"):
         MVTecAD(str(two_sizes), ["wide", "square"], image_size=[16, 16], crop_size=None, shots=2)
 
 
