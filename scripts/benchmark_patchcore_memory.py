@@ -120,8 +120,11 @@ def by_size(args: argparse.Namespace) -> None:
     for images in args.sizes:
         num_patches = images * args.grid**2
         result = child_fit("spilled", args, num_patches)
-        added = "" if previous is None else round(
-            (result["peak_mib"] - previous[1]) * 2**20 / (num_patches - previous[0]))
+        added = (
+            ""
+            if previous is None
+            else round((result["peak_mib"] - previous[1]) * 2**20 / (num_patches - previous[0]))
+        )
         print(f"{images} | {num_patches} | {result['bank'][0]} | {result['peak_mib']:.0f} | "
               f"{result['start_mib']:.0f} | {added} | {result['seconds']:.1f}", flush=True)  # fmt: skip
         previous = (num_patches, result["peak_mib"])

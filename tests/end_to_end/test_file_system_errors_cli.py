@@ -51,9 +51,10 @@ def read_only_folder(tmp_path) -> Path:
     folder.chmod(0o555)
     immutable = False
     if os.access(folder, os.W_OK):
-        immutable = shutil.which("chattr") is not None and subprocess.run(
-            ["chattr", "+i", str(folder)], capture_output=True
-        ).returncode == 0
+        immutable = (
+            shutil.which("chattr") is not None
+            and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        )
         if not immutable:
             pytest.skip("this user can write into a read-only folder (root) and chattr +i is not available")
     yield folder
