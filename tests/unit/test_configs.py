@@ -119,7 +119,7 @@ def test_every_experiment_composes_and_builds_its_dataset(experiment):
     assert isinstance(instantiate(cfg.dataset), AnomalyDataModule)
 
 
-@pytest.mark.parametrize("name", ["mvtec", "visa", "synthetic"])
+@pytest.mark.parametrize("name", ["mvtec", "visa", "real_iad", "synthetic"])
 def test_a_unified_experiment_fits_one_model_on_its_benchmarks_categories(name):
     """``all`` is the data set's categories, the generated one lists its benchmark's; the runs go into the
     per-category benchmark's folder (under unified/), so that its report shows both protocols."""
