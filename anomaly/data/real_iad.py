@@ -223,12 +223,9 @@ def refuse_missing_files(split_path: Path, samples: dict[str, list[Sample]]) -> 
         if path is not None and not path.is_file()
     ]
     if missing:
-        more = f"\n  ... and {len(missing) - SHOWN} more" if len(missing) > SHOWN else ""
         raise DataError(
-            f"{split_path} names {len(missing)} file(s) that do not exist:\n  "
-            + "\n  ".join(missing[:SHOWN])
-            + more
-            + "\nThe split file and the images must come from one Real-IAD download: extract the object's "
+            f"{split_path} names {len(missing)} file(s) that do not exist:{listed(missing)}"
+            "\nThe split file and the images must come from one Real-IAD download: extract the object's "
             "archive of this release (dataset.resolution) again, or set dataset.resolution to the release "
             "whose files you have."
         )
@@ -248,15 +245,18 @@ def refuse_mixed_view_sizes(samples: list[Sample], folder: Path) -> None:
         if len({sizes[s] for s in views if sizes[s] is not None}) > 1
     ]
     if mixed:
-        more = f"\n  ... and {len(mixed) - SHOWN} more" if len(mixed) > SHOWN else ""
         raise DataError(
-            f"{len(mixed)} Real-IAD part(s) in {folder} have views of different sizes (width x height):\n  "
-            + "\n  ".join(mixed[:SHOWN])
-            + more
-            + "\nA release holds every view of a part at one size (realiad_256, _512 and _1024 are square at "
-            "theirs): files of two releases were mixed here. Extract the object's archive of one release "
-            "again."
+            f"{len(mixed)} Real-IAD part(s) in {folder} have views of different sizes (width x height):"
+            f"{listed(mixed)}\nA release holds every view of a part at one size (realiad_256, _512 and "
+            "_1024 are square at theirs): files of two releases were mixed here. Extract the object's "
+            "archive of one release again."
         )
+
+
+def listed(lines: list[str]) -> str:
+    """The first :data:`SHOWN` of ``lines``, each on an indented line of its own, and how many more."""
+    more = f"\n  ... and {len(lines) - SHOWN} more" if len(lines) > SHOWN else ""
+    return "\n  " + "\n  ".join(lines[:SHOWN]) + more
 
 
 def _wxh(size: tuple[int, int] | None) -> str:
