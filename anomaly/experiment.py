@@ -160,6 +160,7 @@ def fit_and_test(cfg: DictConfig, output_dir: Path, run_id: str) -> RunResult:
     )
     tiling = tiling_of(cfg, datamodule.preprocessing)
     resources = resources_of(cfg)
+    datamodule.use_cache(resources.feature_cache.store if resources.feature_cache is not None else None)
     model = build_model(cfg, tiling, resources)
     module: AnomalyModule = instantiate(cfg.method.module, model=model)
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values()]

@@ -121,7 +121,8 @@ def _bytes(tensor: Tensor) -> memoryview:
 
 
 class FeatureStore:
-    """Cache files under ``root`` (``<key[:2]>/<key>.safetensors``), at most ``max_bytes`` in all.
+    """Cache files under ``root`` (``<folder>/<key[:2]>/<key>.safetensors``; features in ``root`` itself,
+    other kinds in a folder of their own: :meth:`within`), at most ``max_bytes`` in all.
 
     Several processes (a sweep's parallel jobs, DDP ranks) may write one folder. The bytes of all its files
     are one count in ``root/.size`` that each write adds to while it holds an exclusive ``flock`` on that
@@ -131,13 +132,18 @@ class FeatureStore:
     count that is missing or unreadable is taken from the folder again.
     """
 
-    def __init__(self, root: Path | str, max_bytes: int) -> None:
+    def __init__(self, root: Path | str, max_bytes: int, folder: str = "") -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.folder = folder
         self.writable = True  # until a write fails: then one warning and no more writes
 
+    def within(self, folder: str) -> "FeatureStore":
+        """The same cache (its cap, count and eviction cover both) writing its files in ``folder``."""
+        return FeatureStore(self.root, self.max_bytes, folder)
+
     def path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}{SUFFIX}"
+        return self.root / self.folder / key[:2] / f"{key}{SUFFIX}"
 
     def read(self, key: str) -> tuple[dict[str, Tensor], dict[str, str]] | None:
         """The tensors and metadata stored under ``key``; None when absent or unreadable (then deleted)."""
@@ -213,9 +219,10 @@ class FeatureStore:
             path.unlink(missing_ok=True)
 
     def files(self) -> list[tuple[Path, os.stat_result]]:
-        """Every cache file with its stat (one that another process deletes meanwhile is left out)."""
+        """Every cache file of every folder with its stat (one that another process deletes meanwhile is
+        left out)."""
         found = []
-        for path in self.root.glob(f"*/*{SUFFIX}"):
+        for path in self.root.rglob(f"*{SUFFIX}"):
             with contextlib.suppress(FileNotFoundError):
                 found.append((path, path.stat()))
         return found
@@ -238,7 +245,7 @@ class FeatureStore:
     def clear(self) -> int:
         """Deletes every cache file (and leftover temporary files); returns the bytes freed."""
         freed = 0
-        for path in [*self.root.glob(f"*/*{SUFFIX}"), *self.root.glob("*/.*.tmp")]:
+        for path in [*self.root.rglob(f"*{SUFFIX}"), *self.root.rglob(".*.tmp")]:
             try:
                 freed += path.stat().st_size
                 path.unlink()

@@ -1,6 +1,7 @@
 """anomaly-cache: the backbone feature cache's size, or clearing it.
 
-``anomaly-cache info [DIR]`` prints how many images' features it holds and their size on disk;
+``anomaly-cache info [DIR]`` prints how many images' features it holds and their size on disk (and the
+decoded images and passed data checks beside them: :mod:`anomaly.data.decoded_cache`);
 ``anomaly-cache clear [DIR]`` deletes them. DIR defaults to ``outputs/feature_cache`` (``paths.cache_dir``
 of a run started in this folder). Runs refill the cache as they need it: clearing never changes a result.
 """
@@ -11,16 +12,23 @@ from pathlib import Path
 
 from anomaly.backbones.feature_cache import FeatureStore
 from anomaly.cli.runtime import report_user_errors
+from anomaly.data.decoded_cache import DECODED
 from anomaly.errors import UserError
 
 DEFAULT_DIR = Path("outputs") / "feature_cache"
 
 
 def describe(store: FeatureStore) -> str:
+    """The features' count and size, and the decoded images' and remembered data checks' beside them."""
     files = store.files()
-    size = sum(stat.st_size for _, stat in files)
-    per_image = f", {size / len(files) / 1e6:.2f} MB per image" if files else ""
-    return f"{store.root}: {len(files)} images' features, {size / 1e9:.3f} GB{per_image}"
+    features = [stat for path, stat in files if path.parent.parent == store.root]
+    decoded = [stat for path, stat in files if path.parent.parent != store.root]
+    size, decoded_size = (sum(stat.st_size for stat in group) for group in (features, decoded))
+    per_image = f", {size / len(features) / 1e6:.2f} MB per image" if features else ""
+    return (
+        f"{store.root}: {len(features)} images' features, {size / 1e9:.3f} GB{per_image}; "
+        f"{len(decoded)} decoded images and passed data checks ({DECODED}/), {decoded_size / 1e9:.3f} GB"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

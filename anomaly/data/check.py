@@ -15,6 +15,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from anomaly.data.decode import MultiPageImageError, oriented_size, read_mask, refuse_multi_page
+from anomaly.data.decoded_cache import DecodedSamples
 from anomaly.data.samples import Sample
 from anomaly.errors import DataError
 
@@ -52,11 +53,23 @@ class Problem:
         return f"{self.sample.image_path}: {self.detail}"
 
 
-def check_samples(samples: Sequence[Sample], description: str = "Checking files") -> list[Problem]:
-    """Every problem of every sample, in the samples' order."""
+def check_samples(
+    samples: Sequence[Sample], description: str = "Checking files", decoded: DecodedSamples | None = None
+) -> list[Problem]:
+    """Every problem of every sample, in the samples' order. With ``decoded``, a sample whose exact bytes
+    passed before is not checked again, and one that passes is remembered (problems never are)."""
+
+    def check(sample: Sample) -> list[Problem]:
+        if decoded is not None and decoded.passed_check(sample):
+            return []
+        problems = check_sample(sample)
+        if decoded is not None and not problems:
+            decoded.remember_passed(sample)
+        return problems
+
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(check_sample, samples)
+        results = pool.map(check, samples)
         found = list(tqdm(results, total=len(samples), desc=description, unit="file", leave=False))
     return [problem for problems in found for problem in problems]
 

@@ -21,8 +21,10 @@ from torch.utils.data import DataLoader, Sampler
 
 from anomaly import distributed
 from anomaly.allocator import release_freed_memory
+from anomaly.backbones.feature_cache import FeatureStore
 from anomaly.data.check import Problem, check_samples, problem_report
 from anomaly.data.dataset import ImageDataset
+from anomaly.data.decoded_cache import DECODED, DecodedSamples
 from anomaly.data.few_shot import ShotViews, all_square, check_shot_settings, draw_shots, shot_views
 from anomaly.data.preprocessing import Preprocessing
 from anomaly.data.samples import (
@@ -181,11 +183,17 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.skipped: list[SkippedFile] = []  # seen and not used: other extensions, hidden files, ...
         self.bad_files: list[Problem] = []  # failed the data check and left out (on_bad_file=skip)
         self.categories: tuple[str, ...] | None = None  # a unified run's (one model for several); else None
+        self.decoded: DecodedSamples | None = None  # decoded images and passed checks by content (use_cache)
 
     @property
     def name(self) -> str:
         """A short name for logs and result tables (e.g. the category)."""
         raise NotImplementedError
+
+    def use_cache(self, store: FeatureStore | None) -> None:
+        """Decodes and checks each file content once across runs, in ``store`` (the run's feature cache
+        folder; None: every run decodes and checks every file): :mod:`anomaly.data.decoded_cache`."""
+        self.decoded = None if store is None else DecodedSamples(store.within(DECODED), self.preprocessing)
 
     def load_samples(self) -> Splits:
         """The data set's samples; appends the files it saw and does not use to ``self.skipped``."""
@@ -204,7 +212,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         unlabeled = self.unlabeled_sets()
         calibration = calibration or shot_calibration
         every = [*train, *test, *calibration, *(s for samples in unlabeled.values() for s in samples)]
-        problems = check_samples(every, description=f"Checking {self.name}")
+        problems = check_samples(every, description=f"Checking {self.name}", decoded=self.decoded)
         if problems and self.on_bad_file == "error":
             raise DataError(
                 problem_report(problems, self.name, len(train) + len(test))
@@ -333,7 +341,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         """Batches of ``samples`` (each in the few-shot views with ``augment``): shuffled by the seeded
         generator on one process, else this rank's share."""
         generator = torch.Generator().manual_seed(self.seed)
-        dataset = ImageDataset(samples, self.transform)
+        dataset = ImageDataset(samples, self.transform, decoded=self.decoded)
         if augment:
             dataset = ShotViews(dataset, self._shot_views())
         sampler = None

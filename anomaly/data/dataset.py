@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
 from anomaly.data.decode import read_image, read_mask
+from anomaly.data.decoded_cache import DecodedSamples
 from anomaly.data.samples import (
     Sample,
     SkippedFile,
@@ -32,6 +33,8 @@ class ImageDataset(Dataset):
     ``with_masks=False``: ``{"image", "label", "path", "index"}`` with ``transform(image)`` only (generic
     image folders: EfficientAD's penalty images, teacher distillation). ``keep_errors=True``: an unreadable
     file becomes ``{"path", "error"}`` instead of raising (prediction reports it and goes on).
+    ``decoded``: images and masks are read through it (the same tensors, decoded at most once per file
+    content across runs); it must hold the preprocessing that ``transform`` is.
     """
 
     def __init__(
@@ -40,11 +43,13 @@ class ImageDataset(Dataset):
         transform: Callable,
         with_masks: bool = True,
         keep_errors: bool = False,
+        decoded: DecodedSamples | None = None,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.with_masks = with_masks
         self.keep_errors = keep_errors
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -52,6 +57,10 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         path = str(sample.image_path)
+        if self.decoded is not None and self.with_masks and not self.keep_errors:
+            image, mask = self.decoded.load(sample)
+            return {"image": image, "mask": mask, "label": sample.label, "path": path, "index": index,
+                    "category": sample.category}  # fmt: skip
         try:
             image = tv_tensors.Image(read_image(sample.image_path))
         except DataError as error:

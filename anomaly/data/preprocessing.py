@@ -30,13 +30,22 @@ class Preprocessing:
             object.__setattr__(self, "crop_size", _check_size(self.crop_size, "dataset.crop_size"))
 
     def transform(self) -> v2.Compose:
-        """The torchvision transform of an image and its ``tv_tensors.Mask`` (applied jointly: aligned)."""
+        """The torchvision transform of an image and its ``tv_tensors.Mask`` (applied jointly: aligned):
+        :meth:`geometric`, then :meth:`to_float`."""
+        return v2.Compose([*self.geometric().transforms, self.to_float()])
+
+    def geometric(self) -> v2.Compose:
+        """Resize and crop: uint8 in, uint8 out (what the decoded-image cache stores)."""
         size = self.image_size if isinstance(self.image_size, int) else list(self.image_size)
         steps: list[v2.Transform] = [v2.Resize(size, antialias=True)]
         if self.crop_size is not None:
             steps.append(v2.CenterCrop(self.crop_size))
-        steps.append(v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True))
         return v2.Compose(steps)
+
+    @staticmethod
+    def to_float() -> v2.ToDtype:
+        """The image to float32 in [0, 1]; the mask stays uint8."""
+        return v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
 
     @property
     def output_size(self) -> tuple[int, int] | None:
