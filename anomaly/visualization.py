@@ -27,7 +27,8 @@ def save_heatmap(example: dict, path: Path, vmin: float, vmax: float) -> Path:
     for axis in axes:
         axis.axis("off")
     figure.suptitle(Path(example["path"]).name, fontsize=8)
-    figure.tight_layout()
+    # fixed margins: tight_layout measured every text of every figure (~0.1 s of ~0.3 s per figure)
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.84, wspace=0.04)
     figure.savefig(path, dpi=80)
     return path
 
