@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
-from anomaly.data.decode import read_image, read_mask
+from anomaly.data.decode import read_image, read_image_and_mask
 from anomaly.data.decoded_cache import DecodedSamples
 from anomaly.data.samples import (
     Sample,
@@ -57,27 +57,21 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         path = str(sample.image_path)
-        if self.decoded is not None and self.with_masks and not self.keep_errors:
-            image, mask = self.decoded.load(sample)
-            return {"image": image, "mask": mask, "label": sample.label, "path": path, "index": index,
-                    "category": sample.category}  # fmt: skip
         try:
-            image = tv_tensors.Image(read_image(sample.image_path))
+            if not self.with_masks:
+                image = _plain(self.transform(tv_tensors.Image(read_image(sample.image_path))))
+                return {"image": image, "label": sample.label, "path": path, "index": index}
+            if self.decoded is not None:
+                image, mask = self.decoded.load(sample)
+            else:
+                image, mask = read_image_and_mask(sample.image_path, sample.mask_path)
+                image, mask = _plain(self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask)))
         except DataError as error:
             if self.keep_errors:
                 return {"path": path, "error": str(error)}
             raise
-        if not self.with_masks:
-            image = _plain(self.transform(image))
-            return {"image": image, "label": sample.label, "path": path, "index": index}
-        height, width = image.shape[-2:]
-        if sample.mask_path is None:
-            mask = torch.zeros(1, height, width, dtype=torch.uint8)
-        else:
-            mask = read_mask(sample.mask_path, sample.image_path, (width, height))
-        image, mask = self.transform(image, tv_tensors.Mask(mask))
-        return {"image": _plain(image), "mask": _plain(mask), "label": sample.label, "path": path,
-                "index": index, "category": sample.category}  # fmt: skip
+        return {"image": image, "mask": mask, "label": sample.label, "path": path, "index": index,
+                "category": sample.category}  # fmt: skip
 
 
 def _plain(value):

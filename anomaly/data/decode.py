@@ -119,6 +119,15 @@ def _png_needs_pil(path: Path) -> bool:
     return False
 
 
+def read_image_and_mask(image_path: Path, mask_path: Path | None) -> tuple[Tensor, Tensor]:
+    """An image ``[3, H, W]`` and its mask ``[1, H, W]`` (uint8; zeros without a mask file)."""
+    image = read_image(image_path)
+    height, width = image.shape[-2:]
+    if mask_path is None:
+        return image, torch.zeros(1, height, width, dtype=torch.uint8)
+    return image, read_mask(mask_path, image_path, (width, height))
+
+
 def read_mask(path: Path, image_path: Path, image_size: tuple[int, int]) -> Tensor:
     """A ground-truth mask as ``[1, H, W]`` uint8 0/1: any non-zero pixel is a defect (MVTec's 0/255,
     VisA's class ids and 0/1 exports alike). It must have its image's ``(width, height)``. A folder of

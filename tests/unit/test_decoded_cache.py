@@ -57,8 +57,7 @@ def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("decoded although cached")
 
-    monkeypatch.setattr(decoded_module, "read_image", refuse)
-    monkeypatch.setattr(decoded_module, "read_mask", refuse)
+    monkeypatch.setattr(decoded_module, "read_image_and_mask", refuse)
 
 
 @pytest.mark.parametrize("preprocessing", [Preprocessing([48, 64]), Preprocessing(40, 32), Preprocessing(36)])
@@ -102,6 +101,28 @@ def test_the_key_is_the_files_bytes_and_the_preprocessing_not_the_path_or_time(t
     assert stored() == 4
 
 
+def test_a_folder_of_masks_is_keyed_on_its_files(tmp_path, monkeypatch):
+    """MVTec LOCO AD: one mask file per defect, read as their union."""
+    sample = write_pair(tmp_path / "data", "a", seed=0)
+    folder = tmp_path / "data" / "a_masks"
+    folder.mkdir()
+    sample.mask_path.rename(folder / "000.png")
+    second = np.zeros((70, 90), dtype=np.uint8)
+    second[50:60, 5:15] = 255
+    Image.fromarray(second).save(folder / "001.png")
+    sample = Sample(sample.image_path, 1, folder, "logical")
+    preprocessing = Preprocessing([48, 64])
+    expected = uncached(sample, preprocessing)
+    assert_same(cached(sample, preprocessing, tmp_path / "cache"), expected)
+    with monkeypatch.context() as patch:
+        no_decoding(patch)
+        assert_same(cached(sample, preprocessing, tmp_path / "cache"), expected)
+    second[0:5, 0:5] = 255
+    Image.fromarray(second).save(folder / "001.png")  # one defect's mask changed: another key
+    assert_same(cached(sample, preprocessing, tmp_path / "cache"), uncached(sample, preprocessing))
+    assert len(list((tmp_path / "cache").glob("*/*.safetensors"))) == 2
+
+
 def test_a_damaged_entry_is_named_deleted_and_decoded_again(tmp_path, caplog):
     sample = write_pair(tmp_path / "data", "a", seed=0)
     preprocessing = Preprocessing([48, 64])
@@ -129,10 +150,8 @@ def test_a_passed_check_is_remembered_by_content_and_a_problem_never(tmp_path, m
     monkeypatch.setattr(check_module, "check_sample", lambda s: checked.append(s.image_path) or real_check(s))
 
     first = check_samples([good, broken], decoded=decoded)
-    assert [problem.sample for problem in first] == [broken] and checked == [
-        good.image_path,
-        broken.image_path,
-    ]
+    assert [problem.sample for problem in first] == [broken]
+    assert sorted(checked) == sorted([good.image_path, broken.image_path])  # (checked on threads)
     checked.clear()
     again = check_samples([good, broken], decoded=decoded)
     assert again == first and checked == [
