@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import anomaly
 from anomaly.methods.efficientad.model import patch_description_network
 
 pytestmark = pytest.mark.slow  # commands and whole runs: seconds to a minute each
@@ -71,15 +72,27 @@ def small(small_data_overrides) -> list[str]:
 
 @pytest.fixture(scope="module")
 def one_process(small, data_dir, tmp_path_factory):
-    """``one_process(method)`` -> (metrics.json, model tensors, run dir) of the one-process run of a fit-once
-    method: the reference of every multi-process run here, fitted once per module."""
-    runs: dict[str, tuple[dict, dict, Path]] = {}
+    """``one_process(method, *overrides)`` -> (metrics.json, model tensors, run dir) of the one-process run
+    of a fit-once method: the reference of every multi-process run here, fitted once per module, by
+    anomaly-train's job in this process (no interpreter to start) with one torch thread, as each rank has
+    (environment())."""
+    runs: dict[tuple[str, ...], tuple[dict, dict, Path]] = {}
 
-    def get(method: str) -> tuple[dict, dict, Path]:
-        if method not in runs:
+    def get(method: str, *overrides: str) -> tuple[dict, dict, Path]:
+        key = (method, *overrides)
+        if key not in runs:
             run_dir = tmp_path_factory.mktemp(f"one-{method}") / "run"
-            runs[method] = (*finished(train(run_dir, data_dir, small, f"method={method}"), run_dir), run_dir)
-        return runs[method]
+            paths = [f"paths.data_dir={data_dir}", f"paths.cache_dir={run_dir.parent / 'cache'}"]
+            arguments = [*FAST, *small, *paths, f"method={method}", *overrides]
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                anomaly.run(anomaly.compose(arguments, output_dir=run_dir))
+            finally:
+                torch.set_num_threads(threads)
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            runs[key] = (metrics, load_file(str(run_dir / "model.safetensors")), run_dir)
+        return runs[key]
 
     return get
 
@@ -114,7 +127,8 @@ def test_trained_methods_train_data_parallel_on_two_processes(small, data_dir, t
     # 4 of 17 images held out: 2 normalise EfficientAD's maps, 2 calibrate (one of each per process)
     efficientad = ["method=efficientad", f"method.model.teacher_weights={teacher}", "method.max_steps=6",
                    "dataset.image_size=[64,64]", "dataset.calibration_fraction=0.25"]  # fmt: skip
-    runs = {"simplenet": ["method=simplenet", "method.max_epochs=2"], "efficientad": efficientad}
+    simplenet = ["method=simplenet", "method.max_epochs=2", "dataset.image_size=[64,64]"]
+    runs = {"simplenet": simplenet, "efficientad": efficientad}
     for name, overrides in runs.items():
         metrics, _ = finished(train(tmp_path / name, data_dir, small, *overrides, *TWO_PROCESSES),
                               tmp_path / name)  # fmt: skip
