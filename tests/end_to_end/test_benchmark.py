@@ -298,19 +298,32 @@ def synthetic_root(tmp_path_factory) -> Path:
     return ensure_dataset(root, ["fabric"], n_train=4, n_test_good=2, n_test_defect=3, image_size=64, seed=0)
 
 
-def test_submitit_sweep_resumes_and_skips_finished_runs(tmp_path, synthetic_root):
-    """The benchmark experiment, first with the submitit launcher (jobs in their own processes), then again:
-    the second invocation finds every run finished and leaves the files alone."""
-    sweep = tmp_path / "sweep"
-    args = [
-        "experiment=benchmark_synthetic",
-        "dataset.category=fabric",
-        "seed=0,1",
-        *TINY_SYNTHETIC,
-        f"dataset.root={synthetic_root}",
-        f"hydra.sweep.dir={sweep}",
-    ]
-    first = anomaly_train(tmp_path, *args, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
+@pytest.fixture(scope="module")
+def benchmarks(tmp_path_factory) -> Path:
+    """Where the module's two benchmark sweeps start (each on its own data set): both append their runs to
+    its outputs/runs.sqlite, which anomaly-report reads."""
+    return tmp_path_factory.mktemp("benchmarks")
+
+
+def synthetic_sweep_arguments(synthetic_root: Path, sweep: Path) -> list[str]:
+    return ["experiment=benchmark_synthetic", "dataset.category=fabric", "seed=0,1", *TINY_SYNTHETIC,
+            f"dataset.root={synthetic_root}", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def synthetic_sweep(benchmarks, synthetic_root) -> tuple[subprocess.CompletedProcess, Path]:
+    """The generated benchmark over 2 seeds with the submitit launcher (jobs in their own processes):
+    (its result, its sweep dir)."""
+    sweep = benchmarks / "synthetic_sweep"
+    launcher = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]
+    return anomaly_train(benchmarks, *synthetic_sweep_arguments(synthetic_root, sweep), *launcher), sweep
+
+
+def test_submitit_sweep_resumes_and_skips_finished_runs(synthetic_sweep, benchmarks, synthetic_root):
+    """The benchmark experiment, first with the submitit launcher, then again: the second invocation finds
+    every run finished and leaves the files alone."""
+    first, sweep = synthetic_sweep
+    args = synthetic_sweep_arguments(synthetic_root, sweep)
     assert first.returncode == 0, first.stdout + first.stderr
     assert (sweep / ".submitit").is_dir()
     metrics = sorted(sweep.glob("*/run.json"))
@@ -318,7 +331,7 @@ def test_submitit_sweep_resumes_and_skips_finished_runs(tmp_path, synthetic_root
     assert re.search(r"\| fabric \| \d+\.\d ± \d+\.\d \|", (sweep / "summary.md").read_text())
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in metrics}
 
-    second = anomaly_train(tmp_path, *args)
+    second = anomaly_train(benchmarks, *args)
     assert second.returncode == 0, second.stdout + second.stderr
     assert (second.stdout + second.stderr).count("results for this exact config exist") == 2
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in metrics} == before
@@ -349,9 +362,9 @@ def write_tiny_mvtec(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def failing_sweep(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+def failing_sweep(benchmarks) -> tuple[subprocess.CompletedProcess, Path]:
     """A joblib sweep (2 parallel jobs) over a good category, one with a corrupt image, one missing."""
-    base = tmp_path_factory.mktemp("faults")
+    base = benchmarks
     write_tiny_mvtec(base / "mvtec")
     sweep = base / "sweep"
     result = anomaly_train(
@@ -420,16 +433,12 @@ def test_html_report_renders_in_a_browser(failing_sweep, tmp_path, headless_brow
 
 
 @pytest.fixture(scope="module")
-def two_benchmarks(failing_sweep, synthetic_root) -> Path:
-    """A second sweep, on another data set (generated), started where the MVTec-layout sweep was: both
-    append to the same results database; returns the output root holding it."""
-    _, sweep = failing_sweep
-    second = anomaly_train(
-        sweep.parent, "seed=0,1", *TINY_SYNTHETIC, f"dataset.root={synthetic_root}",
-        f"hydra.sweep.dir={sweep.parent / 'synthetic_sweep'}",
-    )  # fmt: skip
-    assert second.returncode == 0, second.stdout + second.stderr
-    return sweep.parent / "outputs"
+def two_benchmarks(failing_sweep, synthetic_sweep, benchmarks) -> Path:
+    """The MVTec-layout sweep and the generated one, started in one folder: both append to the same
+    results database; returns the output root holding it."""
+    synthetic, _ = synthetic_sweep
+    assert synthetic.returncode == 0, synthetic.stdout + synthetic.stderr
+    return benchmarks / "outputs"
 
 
 def test_anomaly_report_puts_two_sweeps_on_two_data_sets_on_one_page(

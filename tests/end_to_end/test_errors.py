@@ -55,14 +55,14 @@ def parts(tmp_path_factory) -> Path:
     return root
 
 
-def test_a_bad_config_value_is_one_block_and_the_traceback_is_opt_in(tmp_path):
+def test_a_bad_config_value_is_one_block_and_the_traceback_is_opt_in(tmp_path, command_in_process):
     result = command("train", *FAST, "dataset.batch_size=0", cwd=tmp_path)
     assert_one_block(result, "Error: dataset.batch_size must be a positive int, got 0")
-    full = command("train", *FAST, "dataset.batch_size=0", cwd=tmp_path, full_error=True)
+    full = command_in_process("train", *FAST, "dataset.batch_size=0", cwd=tmp_path, full_error=True)
     assert full.returncode != 0 and "run_job" in full.stderr  # the frames of the traceback
 
 
-def test_bad_data_stops_before_any_work_naming_the_file(parts, tmp_path):
+def test_bad_data_stops_before_any_work_naming_the_file(parts, tmp_path, command_in_process):
     arguments = [*FAST, "dataset=mvtec", f"dataset.root={parts}", "dataset.category=widget",
                  "dataset.image_size=32", "dataset.crop_size=null", "method=padim"]  # fmt: skip
     result = command("train", *arguments, cwd=tmp_path)
@@ -73,7 +73,7 @@ def test_bad_data_stops_before_any_work_naming_the_file(parts, tmp_path):
 
     (parts / "widget" / "test" / "dent" / "001.png").unlink()
     (parts / "widget" / "ground_truth" / "dent" / "001_mask.png").unlink()
-    checked = command("check_data", *arguments, cwd=tmp_path)
+    checked = command_in_process("check_data", *arguments, cwd=tmp_path)
     assert checked.returncode == 0 and "Every file is usable" in checked.stdout
 
 
@@ -131,18 +131,28 @@ def corpus_train(corpus, *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
-def test_a_corpus_of_bad_files_is_named_file_by_file_by_every_command(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def skipping_run(corpus, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """anomaly-train on the corpus with ``dataset.on_bad_file=skip``: (its result, its run dir); the corpus
+    test checks it, and the damaged model files are its model's."""
+    work = tmp_path_factory.mktemp("skipping")
+    run_dir = work / "run"
+    arguments = corpus_train(corpus, "dataset.on_bad_file=skip", f"hydra.run.dir={run_dir}")
+    return command("train", *arguments, cwd=work), run_dir
+
+
+def test_a_corpus_of_bad_files_is_named_file_by_file_by_every_command(
+    corpus, skipping_run, tmp_path, command_in_process
+):
     """No traceback, no file lost, no exit 0 on a bad file unless asked to skip it; every skip named."""
     root = corpus["root"]
     refused = command("train", *corpus_train(corpus), cwd=tmp_path)
     assert_one_block(refused, "dataset.on_bad_file=skip", "run.json", *corpus["bad"])
     assert not list(tmp_path.rglob("model.safetensors"))
-    checked = command("check_data", *corpus_train(corpus), cwd=tmp_path)
+    checked = command_in_process("check_data", *corpus_train(corpus), cwd=tmp_path)
     assert_one_block(checked, *corpus["bad"])
 
-    run_dir = tmp_path / "run"
-    trained = command("train", *corpus_train(corpus, "dataset.on_bad_file=skip", f"hydra.run.dir={run_dir}"),
-                      cwd=tmp_path)  # fmt: skip
+    trained, run_dir = skipping_run
     assert trained.returncode == 0, trained.stderr
     assert all(name in trained.stdout + trained.stderr for name in corpus["not_used"])  # in the log
     record = json.loads((run_dir / "run.json").read_text())
@@ -150,8 +160,8 @@ def test_a_corpus_of_bad_files_is_named_file_by_file_by_every_command(corpus, tm
     assert all(math.isfinite(value) for value in record["metrics"].values())
 
     out = tmp_path / "predictions"
-    predicted = command("predict", f"model={run_dir}", f"input={root / 'good'}", f"hydra.run.dir={out}",
-                        "num_workers=0", cwd=tmp_path)  # fmt: skip
+    predicted = command_in_process("predict", f"model={run_dir}", f"input={root / 'good'}",
+                                   f"hydra.run.dir={out}", "num_workers=0", cwd=tmp_path)  # fmt: skip
     assert predicted.returncode == 0 and "Traceback" not in predicted.stderr, predicted.stderr
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     every_entry = {path.name for path in (root / "good").iterdir()}
@@ -159,18 +169,19 @@ def test_a_corpus_of_bad_files_is_named_file_by_file_by_every_command(corpus, tm
     for row in rows:
         assert math.isfinite(float(row["image_score"])) if row["image_score"] else row["error"], row
 
-    updated = command("update", f"model={run_dir}", f"input={root / 'good'}", "num_workers=0", cwd=tmp_path)
+    updated = command_in_process(
+        "update", f"model={run_dir}", f"input={root / 'good'}", "num_workers=0", cwd=tmp_path
+    )
     assert_one_block(updated, *corpus["bad"])
     assert not list(run_dir.glob("*.updated-*"))
 
 
 @pytest.fixture(scope="module")
-def damaged_models(corpus, tmp_path_factory) -> dict[str, Path]:
+def damaged_models(skipping_run, tmp_path_factory) -> dict[str, Path]:
     """Model files of one trained run, each damaged in one value or tensor."""
     work = tmp_path_factory.mktemp("damaged")
-    run_dir = work / "run"
-    arguments = corpus_train(corpus, "dataset.on_bad_file=skip", f"hydra.run.dir={run_dir}")
-    assert command("train", *arguments, cwd=work).returncode == 0
+    trained, run_dir = skipping_run
+    assert trained.returncode == 0, trained.stderr
     source = run_dir / "model.safetensors"
     with safe_open(str(source), framework="pt") as handle:
         metadata = handle.metadata()
@@ -189,14 +200,16 @@ def damaged_models(corpus, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("damage", ["nan_threshold", "nan_tensor", "wrong_shape"])
-def test_a_damaged_model_file_is_one_block_for_predict_and_update(damaged_models, corpus, damage, tmp_path):
+def test_a_damaged_model_file_is_one_block_for_predict_and_update(
+    damaged_models, corpus, damage, tmp_path, command_in_process
+):
     good = corpus["root"] / "good"
     model = damaged_models[damage]
-    predicted = command("predict", f"model={model}", f"input={good / '000.png'}", cwd=tmp_path)
+    predicted = command_in_process("predict", f"model={model}", f"input={good / '000.png'}", cwd=tmp_path)
     assert_one_block(predicted, str(model), "anomaly-train")
     assert not list(tmp_path.rglob("predictions.csv"))  # no verdict was written
     if damage == "nan_threshold":
-        updated = command("update", f"model={model}", f"input={good}", cwd=tmp_path)
+        updated = command_in_process("update", f"model={model}", f"input={good}", cwd=tmp_path)
         assert_one_block(updated, str(model))
 
 
@@ -212,10 +225,10 @@ def test_a_damaged_model_file_is_one_block_for_predict_and_update(damaged_models
         ("dataset.root=ROOT_FILE", "is a file, but a folder is expected"),
     ],
 )
-def test_a_bad_value_is_one_block_before_any_work(corpus, tmp_path, override, expected):
+def test_a_bad_value_is_one_block_before_any_work(corpus, tmp_path, override, expected, command_in_process):
     (tmp_path / "notes.txt").write_text("a file, not a folder")
     override = override.replace("ROOT_FILE", str(tmp_path / "notes.txt"))
     arguments = [item for item in corpus_train(corpus) if not item.startswith(override.split("=")[0] + "=")]
-    result = command("train", *arguments, override, cwd=tmp_path)
+    result = command_in_process("train", *arguments, override, cwd=tmp_path)
     assert_one_block(result, expected)
     assert not list(tmp_path.rglob("model.safetensors"))

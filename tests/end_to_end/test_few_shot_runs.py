@@ -137,8 +137,10 @@ def test_a_sweep_of_two_k_and_two_draws_gives_mean_and_std_per_k_and_the_learnin
     assert reads[0] < TEST_IMAGES <= reads[1]
 
 
-def test_a_bad_shots_value_is_one_clear_block(tmp_path):
-    done = anomaly_train(tmp_path, "dataset.shots=0", "logger=none", f"paths.data_dir={tmp_path / 'data'}")
+def test_a_bad_shots_value_is_one_clear_block(tmp_path, command_in_process):
+    """anomaly-train's main() in this process (the sweep above runs the command as a process)."""
+    overrides = ["dataset.shots=0", "logger=none", f"paths.data_dir={tmp_path / 'data'}"]
+    done = command_in_process("train", *overrides, cwd=tmp_path)
     assert done.returncode != 0
     assert "dataset.shots=0" in done.stderr and "null for all training images" in done.stderr
     assert "Traceback" not in done.stderr

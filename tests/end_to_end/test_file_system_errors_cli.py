@@ -64,11 +64,15 @@ def read_only_folder(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("sweep", [False, True])
-def test_a_run_folder_that_cannot_be_created_is_one_block(read_only_folder, tmp_path, sweep):
+def test_a_run_folder_that_cannot_be_created_is_one_block(
+    read_only_folder, tmp_path, sweep, command_in_process
+):
+    """main() in this process: the folder is refused before the job starts, and a process would add only
+    its imports (the command as a process: the other tests here)."""
     target = read_only_folder / ("sweep" if sweep else "run")
     setting = "hydra.sweep.dir" if sweep else "hydra.run.dir"
     arguments = ["-m", *TINY, "seed=1,2"] if sweep else TINY
-    result = command("train", *arguments, f"{setting}={target}", cwd=tmp_path)
+    result = command_in_process("train", *arguments, f"{setting}={target}", cwd=tmp_path)
     assert_one_block(result, f"Cannot create the output folder {target}", f"{setting}=<folder>")
 
 

@@ -47,11 +47,6 @@ def environment() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
 
 
-def anomaly_train(cwd: Path, root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(train_command(root, *overrides), cwd=cwd, env=environment(),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-
-
 def snapshot(run_dir: Path, database: Path) -> tuple[dict, list]:
     """The run's output files (bytes, modification time) and every row of the database."""
     files = {name: ((run_dir / name).read_bytes(), (run_dir / name).stat().st_mtime_ns) for name in OUTPUTS}
@@ -180,14 +175,16 @@ def test_a_model_file_is_written_whole_with_the_outputs_mode_and_the_same_bytes(
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary file left
 
 
-def test_a_folder_with_another_configs_results_is_refused_unless_forced(tmp_path, run_job, synthetic_root):
+def test_a_folder_with_another_configs_results_is_refused_unless_forced(
+    tmp_path, run_job, synthetic_root, command_in_process
+):
     data = [*TINY, f"dataset.root={synthetic_root}"]
     _, run_dir = run_job(tmp_path, data)  # in this process, like the forced run below: quicker
     database = tmp_path / "runs.sqlite"
     before = snapshot(run_dir, database)
 
     settings = (f"hydra.run.dir={run_dir}", f"paths.results_db={database}", "seed=1")
-    refused = anomaly_train(tmp_path, synthetic_root, *settings)
+    refused = command_in_process("train", *data, *settings, cwd=tmp_path)  # anomaly-train's main(), here
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "Traceback" not in refused.stderr and refused.stderr.count("Error:") == 1, refused.stderr
     assert f"Error: {run_dir} already holds the results of a run with another config" in refused.stderr
