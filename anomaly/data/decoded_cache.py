@@ -86,7 +86,10 @@ class DecodedSamples:
     def load(self, sample: Sample) -> tuple[Tensor, Tensor]:
         """``preprocessing.transform()`` of the sample's image and mask: image ``[3, h, w]`` float32 in
         [0, 1], mask ``[1, h, w]`` uint8 (zeros without one); decoded and resized only on a miss."""
-        image_digest, mask_digest = self._digests(sample)
+        try:
+            image_digest, mask_digest = self._digests(sample)
+        except OSError:  # gone or unreadable since the data check: the decoder names the file and the fix
+            return self._float(*self._decode(sample))
         key = _key(DECODED_VERSION, image_digest, mask_digest, self.preprocessing.to_dict(),
                    torch.__version__, torchvision.__version__)  # fmt: skip
         image, mask = self._read(key, with_mask=mask_digest is not None)
@@ -95,6 +98,9 @@ class DecodedSamples:
             self.store.write(key, {"image": image} | ({} if sample.mask_path is None else {"mask": mask}), {})
         elif mask is None:
             mask = torch.zeros(1, *image.shape[-2:], dtype=torch.uint8)
+        return self._float(image, mask)
+
+    def _float(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         image, mask = self.to_float(tv_tensors.Image(image), tv_tensors.Mask(mask))
         return image.as_subclass(Tensor), mask.as_subclass(Tensor)
 

@@ -24,6 +24,7 @@ from anomaly.data.decoded_cache import DecodedSamples
 from anomaly.data.preprocessing import Preprocessing
 from anomaly.data.samples import Sample
 from anomaly.data.synthetic import SyntheticAD
+from anomaly.errors import DataError
 
 
 def write_pair(folder: Path, name: str, seed: int, size: tuple[int, int] = (70, 90)) -> Sample:
@@ -121,6 +122,13 @@ def test_a_folder_of_masks_is_keyed_on_its_files(tmp_path, monkeypatch):
     Image.fromarray(second).save(folder / "001.png")  # one defect's mask changed: another key
     assert_same(cached(sample, preprocessing, tmp_path / "cache"), uncached(sample, preprocessing))
     assert len(list((tmp_path / "cache").glob("*/*.safetensors"))) == 2
+
+
+def test_a_file_gone_since_the_check_is_the_decoders_error_naming_it(tmp_path):
+    sample = write_pair(tmp_path / "data", "a", seed=0)
+    sample.image_path.unlink()
+    with pytest.raises(DataError, match=f"Cannot read image {sample.image_path}.*Replace the file"):
+        cached(sample, Preprocessing(32), tmp_path / "cache")
 
 
 def test_a_damaged_entry_is_named_deleted_and_decoded_again(tmp_path, caplog):
