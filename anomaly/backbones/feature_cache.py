@@ -136,11 +136,18 @@ class FeatureStore:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.folder = folder
-        self.writable = True  # until a write fails: then one warning and no more writes
+        self._writable = [True]  # until a write fails: then one warning and no more writes (shared by within)
+
+    @property
+    def writable(self) -> bool:
+        return self._writable[0]
 
     def within(self, folder: str) -> "FeatureStore":
-        """The same cache (its cap, count and eviction cover both) writing its files in ``folder``."""
-        return FeatureStore(self.root, self.max_bytes, folder)
+        """The same cache (its cap, count, eviction and a refused write's switch-off cover both) writing its
+        files in ``folder``."""
+        store = FeatureStore(self.root, self.max_bytes, folder)
+        store._writable = self._writable
+        return store
 
     def path(self, key: str) -> Path:
         return self.root / self.folder / key[:2] / f"{key}{SUFFIX}"
@@ -178,7 +185,9 @@ class FeatureStore:
                 temporary.unlink(missing_ok=True)
             self._count(path.stat().st_size - replaced)
         except Exception as error:  # read-only or full disk (safetensors wraps some OSErrors)
-            self.writable = False
+            if not self._writable[0]:
+                return  # another thread of this process said it already
+            self._writable[0] = False
             log.warning("Feature cache: cannot write to %s (%s): no cache for the rest of this run (same "
                         "results, computed each time). Free space or set paths.cache_dir, or cache=false.",
                         self.root, error)  # fmt: skip

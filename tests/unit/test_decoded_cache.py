@@ -211,3 +211,16 @@ def test_the_cached_pixels_are_the_decoders(tmp_path):
     stored = load_file(path)
     expected = preprocessing.geometric()(tv_tensors.Image(read_image(sample.image_path)))
     assert stored["image"].dtype == torch.uint8 and torch.equal(stored["image"], expected)
+
+
+def test_an_unwritable_cache_warns_once_for_features_and_decoded_images(tmp_path, caplog):
+    (tmp_path / "a_file").touch()
+    store = FeatureStore(tmp_path / "a_file" / "cache", 10**9)  # under a file: every write refused
+    sample = write_pair(tmp_path / "data", "a", seed=0)
+    preprocessing = Preprocessing(32)
+    decoded = DecodedSamples(store.within("decoded"), preprocessing)
+    with caplog.at_level(logging.WARNING):
+        image, _ = decoded.load(sample)
+        store.write("ab" * 32, {"x": torch.zeros(1)}, {})
+    assert torch.equal(image, uncached(sample, preprocessing)["image"])  # no cache, the same tensors
+    assert caplog.text.count("cannot write") == 1
