@@ -5,6 +5,7 @@ Helpers are fixtures (a fixture may return a function), never imported from this
 
 import importlib
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,15 @@ from anomaly.metrics import Evaluator
 from anomaly.model_io import save_model
 
 IMAGE_SIZE = 64  # side of the smooth test images
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (README: ``-n 2``) each worker, and every process a test starts, computes on one
+    thread: two workers then fill the two cores without oversubscribing them (4 OpenMP threads on 2 cores
+    spin and run several times slower)."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 SQUARE = (slice(20, 40), slice(24, 44))  # rows, columns of the pasted defect
 
 
