@@ -30,6 +30,8 @@ from anomaly.model_io import save_model
 
 IMAGE_SIZE = 64  # side of the smooth test images
 
+SQUARE = (slice(20, 40), slice(24, 44))  # rows, columns of the pasted defect
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (README: ``-n 2``) each worker, and every process a test starts, computes on one
@@ -38,7 +40,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if "PYTEST_XDIST_WORKER" in os.environ:
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
-SQUARE = (slice(20, 40), slice(24, 44))  # rows, columns of the pasted defect
 
 
 class TinyBackbone(FrozenNetwork):
