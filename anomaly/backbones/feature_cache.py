@@ -1,7 +1,7 @@
 """Content-addressed cache of frozen networks' outputs, shared by the runs of a sweep and by epochs.
 
 A :class:`FrozenNetwork` (the methods' pretrained backbone, :class:`~anomaly.backbones.FeatureExtractor`;
-EfficientAD's distilled teacher) never changes its weights in a run, so its output for an image depends only
+EfficientAD's distilled teacher; SimpleNet's patch features around the backbone) never changes its weights in a run, so its output for an image depends only
 on the preprocessed image tensor and the network (its class, its weights, e.g. a backbone's graph up to the
 deepest layer asked for after BatchNorm folding, and its precision), the device type and torch's version.
 The key hashes exactly these (:func:`network_fingerprint`, :func:`image_key`): a file's path or time never
@@ -275,9 +275,11 @@ class FeatureCache:
 
     store: FeatureStore
     read: int = 0  # images whose features came from the cache
-    computed: int = 0  # images whose features the network computed
+    computed: int = 0  # images that a network computed without a cached network inside it (the backbone)
 
     def __post_init__(self) -> None:
+        self._lookups = 0  # calls of features(), so that a network whose compute looked its inner one up
+        # (PatchFeatures around the backbone) is not counted beside it: each image is read or computed once
         # per network (weakly held: a fold's model that is gone frees its slot) and device type
         self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -300,6 +302,8 @@ class FeatureCache:
         the batch is there, else computed and the missing images stored."""
         if images.requires_grad:  # a gradient through the input (never in the methods): no cache
             return network.compute(images)
+        self._lookups += 1
+        lookups = self._lookups
         fingerprint = self._fingerprint(network, images.device.type)
         keys = [image_key(fingerprint, image) for image in images]
         cached = self._read_all(network, keys, tuple(images.shape[-2:]))
@@ -307,7 +311,8 @@ class FeatureCache:
             self.read += len(keys)
             return {layer: tensor.to(images.device) for layer, tensor in cached.items()}
         features = network.compute(images)
-        self.computed += len(keys)
+        if self._lookups == lookups:  # no network inside it went through the cache
+            self.computed += len(keys)
         self._store(keys, features)
         return features
 

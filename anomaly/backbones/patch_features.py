@@ -11,15 +11,23 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from anomaly.backbones.feature_cache import FrozenNetwork
 from anomaly.backbones.geometry import Axis, GridGeometry, resample_linear
 from anomaly.errors import ConfigError
 
+OUTPUT = "patch_features"  # the one output's name in a cache file: ``[D, h, w]`` per image
 
-class PatchFeatures(nn.Module):
+
+class PatchFeatures(FrozenNetwork):
     """``images [B, 3, H, W]`` in [0, 1] → ``[B, h, w, D]`` patch features on the finest layer's grid.
+
+    Frozen like its backbone, whose outputs the feature cache holds in any case. With ``cache_output`` it
+    holds these features too: for a method that sees the same images in every epoch (SimpleNet), where the
+    aggregation costs as much as the backbone (Lite0 at 256 px on a CPU); off by default, as the features
+    take several times the backbone's maps on disk (1.6 MB per image for SimpleNet's Lite0 default,
+    4.2 MB for PatchCore's D = 1024).
 
     Args:
         backbone: frozen feature extractor; ``forward(images) -> {layer: [B, C, h, w]}`` in the order of
@@ -29,6 +37,7 @@ class PatchFeatures(nn.Module):
             ``None``: to the layer's own C, which is exactly the per-channel mean over the neighbourhood.
         target_embed_dim: the concatenated layers are average-pooled to this length (D); ``None``: kept
             concatenated.
+        cache_output: these features go through the feature cache (see above) when a run gives it one.
     """
 
     def __init__(
@@ -37,6 +46,7 @@ class PatchFeatures(nn.Module):
         patch_size: int = 3,
         pre_embed_dim: int | None = 1024,
         target_embed_dim: int | None = 1024,
+        cache_output: bool = False,
     ) -> None:
         super().__init__()
         if patch_size < 1 or patch_size % 2 == 0:
@@ -49,18 +59,41 @@ class PatchFeatures(nn.Module):
         self.pre_embed_dim = pre_embed_dim
         self.target_embed_dim = target_embed_dim
         self.dim = target_embed_dim or sum(pre_embed_dim or c for c in backbone.channels)  # D
+        self.cache_output = cache_output
+        self.layers = [OUTPUT]
         self.geometry = GridGeometry()
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
+        through_cache = self.cache_output and self.cache is not None
+        outputs = self.cache.features(self, images) if through_cache else self.compute(images)
+        return outputs[OUTPUT].permute(0, 2, 3, 1)  # [B, h, w, D], contiguous (see compute)
+
+    @torch.no_grad()
+    def compute(self, images: Tensor) -> dict[str, Tensor]:
+        """``{OUTPUT: [B, D, h, w]}``, a channels-last view of the ``[B, h, w, D]`` features (the cache keeps
+        that layout, so that a read gives the same contiguous tensor). The backbone's own cache applies."""
         feature_maps = list(self.backbone(images).values())
-        return aggregate_patch_features(
+        features = aggregate_patch_features(
             feature_maps,
             self.geometry(self.backbone, images.shape[-2:]),
             self.patch_size,
             self.pre_embed_dim,
             self.target_embed_dim,
         )
+        return {OUTPUT: features.permute(0, 3, 1, 2)}
+
+    def description(self) -> tuple:
+        """The backbone's class, layers and own description, and the aggregation's sizes (the backbone's
+        weights are this module's parameters)."""
+        backbone = self.backbone
+        aggregation = (self.patch_size, self.pre_embed_dim, self.target_embed_dim)
+        return (type(backbone).__qualname__, tuple(backbone.layers), backbone.description(), *aggregation)
+
+    def output_shapes(self, image_size: tuple[int, int]) -> dict[str, torch.Size]:
+        """``{OUTPUT: [D, h, w]}`` on the backbone's first layer's grid (no probe through the cache)."""
+        first_layer = next(iter(self.backbone.output_shapes(image_size).values()))
+        return {OUTPUT: torch.Size([self.dim, *first_layer[1:]])}
 
     def grid_axes(self, image_size: Sequence[int]) -> tuple[Axis, Axis]:
         """Where the cells of the features' ``h×w`` grid (the first layer's) lie in an image of that size."""

@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import threading
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 from torchvision import tv_tensors
 
 import anomaly
-from anomaly.backbones import FeatureExtractor
+from anomaly.backbones import FeatureExtractor, PatchFeatures
 from anomaly.backbones.feature_cache import (
     FeatureCache,
     FeatureStore,
@@ -74,6 +75,37 @@ def test_cold_and_warm_batches_give_the_uncached_features_bit_for_bit(extractor,
     assert_identical(cold, uncached)
     assert_identical(warm, uncached)
     assert len(cache.store.files()) == 3
+
+
+def patch_features(backbone: FeatureExtractor, **sizes) -> PatchFeatures:
+    dims = {"pre_embed_dim": 48, "target_embed_dim": 32} | sizes
+    return PatchFeatures(backbone, cache_output=True, **dims)
+
+
+def test_patch_features_with_cache_output_are_read_whole_and_equal_the_uncached_bit_for_bit(tmp_path):
+    """SimpleNet's features: a warm read runs neither the backbone nor the aggregation; each image is
+    counted once (read, or computed by the backbone); the key follows the aggregation's sizes and layers."""
+    features, batch = patch_features(resnet18()), images()
+    with torch.no_grad():
+        uncached = features(batch)
+        cache = cached(features, tmp_path)
+        cold = features(batch)
+        files = len(cache.store.files())
+        aggregation = "anomaly.backbones.patch_features.aggregate_patch_features"
+        with mock.patch(aggregation, side_effect=AssertionError):
+            warm = features(batch)
+    assert (cache.read, cache.computed, files) == (3, 3, 6)  # the backbone's maps and the features per image
+    for output in (cold, warm):
+        assert output.is_contiguous() and torch.equal(output, uncached)
+    backbone_only = PatchFeatures(resnet18(), pre_embed_dim=48, target_embed_dim=32)  # cache_output=False
+    use_cache(backbone_only, FeatureCache(FeatureStore(tmp_path / "other", 10**9)))
+    with torch.no_grad():
+        assert torch.equal(backbone_only(batch), uncached)
+    assert len(backbone_only.cache.store.files()) == 3
+    key = image_key(network_fingerprint(features, "cpu"), batch[0])
+    others = [{"target_embed_dim": 16}, {"pre_embed_dim": 40}, {"patch_size": 1}]
+    for other in [patch_features(resnet18(["layer2"])), *(patch_features(resnet18(), **o) for o in others)]:
+        assert image_key(network_fingerprint(other, "cpu"), batch[0]) != key
 
 
 def test_a_batch_with_one_new_image_is_computed_whole_and_stores_only_the_new_one(extractor, tmp_path):
