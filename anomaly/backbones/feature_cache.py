@@ -1,9 +1,10 @@
 """Content-addressed cache of frozen networks' outputs, shared by the runs of a sweep and by epochs.
 
 A :class:`FrozenNetwork` (the methods' pretrained backbone, :class:`~anomaly.backbones.FeatureExtractor`;
-EfficientAD's distilled teacher; SimpleNet's patch features around the backbone) never changes its weights in a run, so its output for an image depends only
-on the preprocessed image tensor and the network (its class, its weights, e.g. a backbone's graph up to the
-deepest layer asked for after BatchNorm folding, and its precision), the device type and torch's version.
+EfficientAD's distilled teacher; SimpleNet's patch features around the backbone) never changes its weights
+in a run, so its output for an image depends only on the preprocessed image tensor and the network (its
+class, its weights, e.g. a backbone's graph up to the deepest layer asked for after BatchNorm folding, and
+its precision), the device type and torch's version.
 The key hashes exactly these (:func:`network_fingerprint`, :func:`image_key`): a file's path or time never
 matters, and any change of preprocessing (size, crop, tiling) is another tensor and so another key. A value
 is one image's maps ``{layer: [C, h, w]}`` in a safetensors file (data, never code), as its batch computed
@@ -278,8 +279,9 @@ class FeatureCache:
     computed: int = 0  # images that a network computed without a cached network inside it (the backbone)
 
     def __post_init__(self) -> None:
-        self._lookups = 0  # calls of features(), so that a network whose compute looked its inner one up
-        # (PatchFeatures around the backbone) is not counted beside it: each image is read or computed once
+        # calls of features(): a network whose compute looked its inner one up (PatchFeatures around the
+        # backbone) is not counted beside it, so each image counts once, read or computed
+        self._lookups = 0
         # per network (weakly held: a fold's model that is gone frees its slot) and device type
         self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
