@@ -97,6 +97,11 @@ def test_patch_features_with_cache_output_are_read_whole_and_equal_the_uncached_
     assert (cache.read, cache.computed, files) == (3, 3, 6)  # the backbone's maps and the features per image
     for output in (cold, warm):
         assert output.is_contiguous() and torch.equal(output, uncached)
+    other_sizes = patch_features(features.backbone, target_embed_dim=16)  # its own key, the same backbone
+    use_cache(other_sizes, cache)
+    with torch.no_grad():
+        other_sizes(batch)
+    assert (cache.read, cache.computed) == (6, 3)  # aggregated anew from the maps read: counted as read
     backbone_only = PatchFeatures(resnet18(), pre_embed_dim=48, target_embed_dim=32)  # cache_output=False
     use_cache(backbone_only, FeatureCache(FeatureStore(tmp_path / "other", 10**9)))
     with torch.no_grad():
