@@ -29,7 +29,6 @@ from anomaly.metrics import Evaluator
 from anomaly.model_io import save_model
 
 IMAGE_SIZE = 64  # side of the smooth test images
-
 SQUARE = (slice(20, 40), slice(24, 44))  # rows, columns of the pasted defect
 
 
